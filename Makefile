@@ -1,0 +1,15 @@
+# The two commands of the README. Both set themselves up (scripts/setup.sh) on a fresh machine.
+.PHONY: up test setup lint bench
+
+up: setup          ## embedded NATS + 2 engines (SmolLM2) + router + OpenAI front on :8000
+	.venv/bin/busserve up $(ARGS)
+
+test: setup        ## the whole test suite (what .ci/run runs)
+	.venv/bin/python -m pytest $(ARGS)
+
+setup:
+	@scripts/setup.sh
+
+lint: setup
+	.venv/bin/ruff check busserve tests
+	.venv/bin/mypy busserve

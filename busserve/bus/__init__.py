@@ -1,0 +1,1 @@
+"""The bus layer: connection settings, subjects, codec, client helpers and the embedded nats-server."""

@@ -1,0 +1,459 @@
+"""Every message that crosses the bus, as msgspec Structs — the wire contract of busserve.
+
+Nothing else defines a payload. Rules that keep the contract stable:
+
+* Each struct is tagged (``"type": "<tag>"``) so unions decode by tag; when a subject carries one type, the tag
+  may be omitted by the sender (JSON clients in other languages need not spell it).
+* Fields are keyword-only, appended last with defaults: old readers ignore new fields, new readers default
+  missing ones.
+* Ranges live in the type (``Annotated[..., Meta(...)]``) so that decoding *is* validation; cross-field rules
+  live in ``__post_init__`` and raise :class:`InvalidField`, so the resulting :class:`Error` names the field.
+
+See ``schemas/`` for the generated JSON Schema and AsyncAPI document, and ``busserve/bus/subjects.py`` for which
+subject carries which message.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+# Identifiers that may appear inside NATS subjects must be single, wildcard-free tokens.
+RequestId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-:]{1,128}$", description="Client- or router-chosen id")]
+EngineId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$", description="Engine id (a subject token)")]
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+
+MAX_PROMPT_TOKENS = 1 << 20
+MAX_STOP_STRINGS = 16
+
+FinishReason = Literal["stop", "length", "cancelled"]
+ErrorCode = Literal[
+    "invalid_request",  # a value is missing, of the wrong type or out of range (``field`` says which)
+    "malformed",  # bytes that do not decode at all
+    "payload_too_large",  # over the server's max_payload
+    "prompt_too_long",  # prompt (plus max_tokens) does not fit the model's context
+    "unknown_model",
+    "unknown_request",  # a request id the engine does not hold
+    "conflict",  # e.g. duplicate prep_recv, begin != end
+    "no_engine",  # nobody serves the subject / no engine fits
+    "overloaded",
+    "timeout",
+    "lease_expired",  # a parked request was never started
+    "transfer_failed",
+    "engine_failure",
+    "internal",
+]
+Role = Literal["prefill", "decode"]
+Transport = Literal["shm", "bus", "nvshmem"]
+
+
+class InvalidField(ValueError):
+    """Raised by ``__post_init__`` checks; keeps the name of the offending field for the Error reply."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise InvalidField(name, f"must be a finite number, got {value!r}")
+
+
+class _Msg(Struct, kw_only=True, omit_defaults=True, tag_field="type"):
+    """Base of every bus message (keyword-only, defaults omitted on the wire, tagged by ``type``)."""
+
+
+# --------------------------------------------------------------------------------------------- requests
+
+
+class SamplingParams(_Msg, tag="sampling"):
+    """How to pick tokens and when to stop. Defaults follow the OpenAI API."""
+
+    max_tokens: Annotated[int, Meta(ge=1, le=MAX_PROMPT_TOKENS)] = 256
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=-1, description="0 or -1: disabled")] = 0
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=512)]], Meta(max_length=MAX_STOP_STRINGS)] = (
+        field(default_factory=list)
+    )
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=64)] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _finite("temperature", self.temperature)
+        _finite("top_p", self.top_p)
+        _finite("min_p", self.min_p)
+
+
+class StreamOptions(_Msg, tag="stream_options"):
+    include_usage: bool = True
+    # Encoding of events on the stream subject; None = the encoding the request arrived in.
+    content_type: Literal["msgpack", "json"] | None = None
+
+
+class ChatMessage(_Msg, tag="chat_message"):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Annotated[str, Meta(max_length=4 * MAX_PROMPT_TOKENS)]
+
+
+class GenerateRequest(_Msg, tag="generate"):
+    """A client's request. Published on the generate subject; the NATS reply-to is the stream subject.
+
+    Exactly one of ``prompt``, ``messages`` or ``prompt_token_ids`` is given.
+    """
+
+    request_id: RequestId | None = None
+    model: Annotated[str, Meta(max_length=256)] = ""
+    prompt: Annotated[str, Meta(min_length=1, max_length=4 * MAX_PROMPT_TOKENS)] | None = None
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=4096)] | None = None
+    prompt_token_ids: Annotated[list[TokenId], Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stream: StreamOptions = field(default_factory=StreamOptions)
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("prompt", "messages", "prompt_token_ids") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise InvalidField(
+                "prompt", f"give exactly one of prompt, messages, prompt_token_ids (got {', '.join(given) or 'none'})"
+            )
+
+
+class Cancel(_Msg, tag="cancel"):
+    request_id: RequestId
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------------------------- stream events
+
+
+class Usage(_Msg, tag="usage"):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache or a transfer, not computed here
+
+
+class TokenChunk(_Msg, tag="token"):
+    """New output tokens. ``index`` is the position of ``token_ids[0]`` in the output."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str = ""
+
+
+class Final(_Msg, tag="final"):
+    """The last event of a successful (or cancelled) request."""
+
+    request_id: str
+    finish_reason: FinishReason
+    usage: Usage | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that ended the request
+    engine_id: str = ""
+
+
+class Error(_Msg, tag="error"):
+    """A failure, as data. On a stream it is terminal; as a reply it answers the request."""
+
+    code: ErrorCode
+    message: str
+    field: str | None = None
+    request_id: str = ""
+
+
+StreamEvent = TokenChunk | Final | Error
+TERMINAL_EVENTS = (Final, Error)
+
+
+# --------------------------------------------------------------------------------------------- microserving actions
+
+
+class KVAddress(_Msg, tag="kv_addr"):
+    """Where a sender must write: the receiver's reserved pages for positions ``[start, end)``.
+
+    Position ``p`` lives in page ``pages[(p - start) // page_size]`` at offset ``(p - start) % page_size``.
+    ``layout`` names the axes of the receiver's pool; ``handle`` is transport-specific (the shared-memory segment
+    name for ``shm``, the data subject for ``bus``).
+    """
+
+    engine_id: EngineId
+    request_id: RequestId
+    transport: Transport
+    start: int
+    end: int
+    pages: list[int]
+    page_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    layout: str = "layer,kv,page,slot,head,dim"
+    handle: str = ""
+    pool_pages: int = 0
+
+
+class PrepRecv(_Msg, tag="prep_recv"):
+    """On the receiver: match a cached prefix of ``prompt[:end]``, reserve the rest, park the request."""
+
+    request_id: RequestId
+    prompt_token_ids: Annotated[list[TokenId], Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)]
+    end: Annotated[int, Meta(ge=0)]
+    stream_subject: Annotated[str, Meta(min_length=1, max_length=512)]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stream: StreamOptions = field(default_factory=StreamOptions)
+    model: str = ""
+    lease_s: Annotated[float, Meta(gt=0.0, le=3600.0)] = 30.0
+    transport: Transport | None = None  # the transport the sender can use; None = the receiver's best
+
+
+class PrepRecvReply(_Msg, tag="prep_recv_reply"):
+    request_id: str
+    matched: int
+    kv_addr: KVAddress
+
+
+class RemoteSend(_Msg, tag="remote_send"):
+    """On the sender: compute (or take from cache) the KV of ``prompt[:end]`` and write ``[begin, end)`` to
+    ``kv_addr``, layer by layer; reply once every byte has landed."""
+
+    request_id: RequestId
+    prompt_token_ids: Annotated[list[TokenId], Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)]
+    kv_addr: KVAddress
+    begin: Annotated[int, Meta(ge=0)]
+    end: Annotated[int, Meta(ge=0)]
+    model: str = ""
+
+    def __post_init__(self) -> None:
+        if self.begin > self.end:
+            raise InvalidField("begin", f"begin ({self.begin}) must not exceed end ({self.end})")
+
+
+class RemoteSendReply(_Msg, tag="remote_send_reply"):
+    request_id: str
+    bytes_sent: int
+    layers: int
+    computed_tokens: int  # tokens the sender prefilled for this call
+    cached_tokens: int  # tokens the sender took from its own prefix cache
+    duration_s: float
+
+
+class StartGenerate(_Msg, tag="start_generate"):
+    """On the receiver: prefill ``prompt[begin:]`` over the received KV, then decode to the stream."""
+
+    request_id: RequestId
+    begin: Annotated[int, Meta(ge=0)]
+
+
+class StartGenerateReply(_Msg, tag="start_generate_reply"):
+    request_id: str
+    engine_id: str
+
+
+class Abort(_Msg, tag="abort"):
+    """Drop a request on one engine. With ``notify`` the engine publishes the terminal event if it owns one."""
+
+    request_id: RequestId
+    notify: bool = False
+    reason: str = ""
+
+
+class AbortReply(_Msg, tag="abort_reply"):
+    request_id: str
+    found: bool
+    notified: bool
+
+
+# --------------------------------------------------------------------------------------------- KV data over the bus
+
+
+class KVChunk(_Msg, tag="kv_chunk", gc=False):
+    """Positions ``[begin, end)`` of one layer, K then V, each ``[end-begin, num_kv_heads, head_dim]``."""
+
+    request_id: str
+    layer: int
+    begin: int
+    end: int
+    data: bytes
+
+
+class KVCommit(_Msg, tag="kv_commit"):
+    """Sent after the last chunk; the receiver replies once ``chunks`` chunks have been written."""
+
+    request_id: str
+    chunks: int
+    nbytes: int
+
+
+class KVCommitReply(_Msg, tag="kv_commit_reply"):
+    request_id: str
+    chunks: int
+
+
+# --------------------------------------------------------------------------------------------- cluster state
+
+
+class EngineStatus(_Msg, tag="engine_status"):
+    """Heartbeat of one engine; the cluster view is built from these."""
+
+    engine_id: EngineId
+    model: str
+    roles: list[Role]
+    running: int
+    waiting: int
+    parked: int
+    free_pages: int
+    total_pages: int
+    page_size: int
+    max_model_len: int
+    transports: list[Transport]
+    host: str = ""
+    pid: int = 0
+    cached_pages: int = 0
+    prefix_hit_rate: float = 0.0
+    interval_s: float = 1.0
+    seq: int = 0
+    metrics_url: str = ""
+    draining: bool = False
+
+
+class KVStored(_Msg, tag="kv_stored"):
+    """Pages now in the engine's prefix cache, as chained page hashes (see ``busserve.kv.page_hash``)."""
+
+    page_hashes: list[int]
+    parent_hash: int | None = None
+
+
+class KVRemoved(_Msg, tag="kv_removed"):
+    page_hashes: list[int]
+
+
+class KVCleared(_Msg, tag="kv_cleared"):
+    pass
+
+
+KVEvent = KVStored | KVRemoved | KVCleared
+
+
+class KVEventBatch(_Msg, tag="kv_events"):
+    engine_id: EngineId
+    seq: int
+    events: list[KVEvent]
+
+
+StrategyParam = str | int | float | bool
+
+
+class SetStrategy(_Msg, tag="set_strategy"):
+    """Switch the strategy for new requests; in-flight requests finish under their own."""
+
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+    params: dict[str, StrategyParam] = field(default_factory=dict)
+
+
+class StrategyState(_Msg, tag="strategy_state"):
+    """The active strategy as stored in the config bucket (and the reply to SetStrategy)."""
+
+    name: str
+    params: dict[str, StrategyParam] = field(default_factory=dict)
+    revision: int = 0
+    updated_by: str = ""
+
+
+class SetRoles(_Msg, tag="set_roles"):
+    engine_id: EngineId
+    roles: Annotated[list[Role], Meta(min_length=1)]
+
+
+class RolesState(_Msg, tag="roles_state"):
+    engine_id: str
+    roles: list[Role]
+
+
+class RouterStatus(_Msg, tag="router_status"):
+    router_id: str
+    strategy: str
+    params: dict[str, StrategyParam] = field(default_factory=dict)
+    in_flight: int = 0
+    completed: int = 0
+    failed: int = 0
+    interval_s: float = 1.0
+    metrics_url: str = ""
+
+
+class Ack(_Msg, tag="ack"):
+    """Generic positive reply to a control message."""
+
+    detail: str = ""
+
+
+# Every message type, for schema export and round-trip tests.
+ALL_MESSAGES: tuple[type[Struct], ...] = (
+    SamplingParams,
+    StreamOptions,
+    ChatMessage,
+    GenerateRequest,
+    Cancel,
+    Usage,
+    TokenChunk,
+    Final,
+    Error,
+    KVAddress,
+    PrepRecv,
+    PrepRecvReply,
+    RemoteSend,
+    RemoteSendReply,
+    StartGenerate,
+    StartGenerateReply,
+    Abort,
+    AbortReply,
+    KVChunk,
+    KVCommit,
+    KVCommitReply,
+    EngineStatus,
+    KVStored,
+    KVRemoved,
+    KVCleared,
+    KVEventBatch,
+    SetStrategy,
+    StrategyState,
+    SetRoles,
+    RolesState,
+    RouterStatus,
+    Ack,
+)
+
+
+def error_from_exception(exc: BaseException, request_id: str = "") -> Error:
+    """Turn a msgspec decode/validation failure (or an InvalidField) into an Error naming the field."""
+    if isinstance(exc, InvalidField):
+        return Error(code="invalid_request", message=str(exc), field=exc.field, request_id=request_id)
+    if isinstance(exc, msgspec.ValidationError):
+        cause = exc.__cause__
+        text = str(exc)
+        path = _path_of(text)
+        if isinstance(cause, InvalidField):
+            field_name = f"{path}.{cause.field}" if path else cause.field
+            return Error(code="invalid_request", message=str(cause), field=field_name, request_id=request_id)
+        return Error(code="invalid_request", message=text, field=path, request_id=request_id)
+    if isinstance(exc, msgspec.DecodeError):
+        return Error(code="malformed", message=f"payload does not decode: {exc}", request_id=request_id)
+    return Error(code="internal", message=f"{type(exc).__name__}: {exc}", request_id=request_id)
+
+
+def _path_of(text: str) -> str | None:
+    """msgspec reports ``... - at `$.sampling.temperature```; return ``sampling.temperature``."""
+    marker = " - at `$"
+    at = text.rfind(marker)
+    if at < 0:
+        return None
+    path = text[at + len(marker) :].rstrip("`")
+    return path.lstrip(".") or None
+
+
+def to_builtins(msg: Struct) -> Any:
+    return msgspec.to_builtins(msg)
