@@ -14,7 +14,9 @@ fi
 extras="dev"
 [ "$FLAVOR" = gpu ] && extras="dev,gpu"
 stamp="$VENV/.busserve-setup"
-want="$(cat pyproject.toml constraints/$FLAVOR.txt scripts/setup.sh tests/js/package.json 2>/dev/null | sha256sum | cut -c1-16) $FLAVOR"
+inputs="pyproject.toml constraints/$FLAVOR.txt scripts/setup.sh"
+[ -f tests/js/package.json ] && inputs="$inputs tests/js/package.json"
+want="$(cat $inputs | sha256sum | cut -c1-16) $FLAVOR"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing busserve[$extras] into $VENV (torch: $FLAVOR)" >&2
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
