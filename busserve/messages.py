@@ -195,6 +195,7 @@ class KVAddress(_Msg, tag="kv_addr"):
     layout: str = "layer,kv,page,slot,head,dim"
     handle: str = ""
     pool_pages: int = 0
+    expires_at: float = 0.0  # unix time the receiver's lease ends; senders stop writing before it
 
 
 class PrepRecv(_Msg, tag="prep_recv"):
@@ -239,7 +240,9 @@ class RemoteSendReply(_Msg, tag="remote_send_reply"):
     layers: int
     computed_tokens: int  # tokens the sender prefilled for this call
     cached_tokens: int  # tokens the sender took from its own prefix cache
-    duration_s: float
+    duration_s: float  # from the sender receiving remote_send to the last byte landing
+    compute_s: float = 0.0  # from receiving remote_send to the last layer's KV being computed
+    transfer_busy_s: float = 0.0  # time spent writing; (duration_s - compute_s) of it was not hidden by compute
 
 
 class StartGenerate(_Msg, tag="start_generate"):
@@ -265,7 +268,8 @@ class Abort(_Msg, tag="abort"):
 class AbortReply(_Msg, tag="abort_reply"):
     request_id: str
     found: bool
-    notified: bool
+    notified: bool  # this abort made the engine publish the request's terminal event
+    terminated: bool = False  # the engine had already published the request's terminal event before
 
 
 # --------------------------------------------------------------------------------------------- KV data over the bus
@@ -340,12 +344,41 @@ KVEvent = KVStored | KVRemoved | KVCleared
 
 
 class KVEventBatch(_Msg, tag="kv_events"):
+    """KV events of one engine step. ``seq`` grows by one per batch; a snapshot carries the seq it reflects, so a
+    listener applies only later batches on top of it."""
+
     engine_id: EngineId
     seq: int
     events: list[KVEvent]
 
 
+class KVSnapshotRequest(_Msg, tag="kv_snapshot"):
+    """Ask an engine for every page hash in its prefix cache (answered with a KVEventBatch)."""
+
+
 StrategyParam = str | int | float | bool
+
+
+class RoutedRequest(_Msg, tag="routed"):
+    """A request a router has accepted and tokenized, handed to a strategy running as its own process."""
+
+    request_id: RequestId
+    prompt_token_ids: list[TokenId]
+    stream_subject: str
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stream: StreamOptions = field(default_factory=StreamOptions)
+    model: str = ""
+    params: dict[str, StrategyParam] = field(default_factory=dict)
+
+
+class StrategyResult(_Msg, tag="strategy_result"):
+    """A strategy process's answer: which engine owns the request now (start_generate accepted) and which
+    engines it touched (for cleanup if it failed)."""
+
+    request_id: str
+    started_on: str | None = None
+    touched: list[str] = field(default_factory=list)
+    error: Error | None = None
 
 
 class SetStrategy(_Msg, tag="set_strategy"):
@@ -419,6 +452,9 @@ ALL_MESSAGES: tuple[type[Struct], ...] = (
     KVRemoved,
     KVCleared,
     KVEventBatch,
+    KVSnapshotRequest,
+    RoutedRequest,
+    StrategyResult,
     SetStrategy,
     StrategyState,
     SetRoles,

@@ -63,7 +63,7 @@ class Bus:
         nc = NATS()
         try:
             await asyncio.wait_for(nc.connect(name=name, error_cb=on_error, **kwargs), timeout=deadline)
-        except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
             servers = ", ".join(kwargs["servers"])
@@ -92,10 +92,12 @@ class Bus:
 
     # ------------------------------------------------------------------ sending
 
-    def _prepare(self, msg: Any, content_type: ContentType, headers: dict[str, str] | None) -> tuple[bytes, dict]:
+    def _prepare(self, msg: Any, content_type: ContentType, headers: dict[str, str] | None,
+                 trace: bool = True) -> tuple[bytes, dict]:
         payload = codec.encode(msg, content_type)
         out = codec.headers_for(content_type, headers)
-        propagation.inject(out)
+        if trace:
+            propagation.inject(out)
         return payload, out
 
     def _check_size(self, payload: bytes, subject: str) -> None:
@@ -111,8 +113,10 @@ class Bus:
         reply: str = "",
         content_type: ContentType = "msgpack",
         headers: dict[str, str] | None = None,
+        trace: bool = True,
     ) -> None:
-        payload, hdrs = self._prepare(msg, content_type, headers)
+        """``trace=False`` skips the W3C headers (stream events: the request already carried them)."""
+        payload, hdrs = self._prepare(msg, content_type, headers, trace)
         self._check_size(payload, subject)
         try:
             await self.nc.publish(subject, payload, reply=reply, headers=hdrs)
@@ -140,7 +144,7 @@ class Bus:
             reply = await self.nc.request(subject, payload, timeout=timeout_s, headers=hdrs)
         except nats.errors.NoRespondersError as exc:
             raise NoResponders(subject) from exc
-        except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.TimeoutError) as exc:
             raise RequestTimeout(subject, timeout_s) from exc
         except nats.errors.MaxPayloadError as exc:
             raise PayloadTooLarge(len(payload), self.max_payload, subject) from exc
@@ -202,6 +206,9 @@ class Bus:
                     if isinstance(event, (Final, Error)):
                         finished = True
                     yield event
+            except NoResponders:
+                finished = True  # nobody received it: nothing to cancel
+                raise
             finally:
                 if not finished:
                     with contextlib.suppress(Exception):

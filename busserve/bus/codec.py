@@ -11,7 +11,7 @@ failure surfaces as :class:`busserve.errors.MalformedMessage` carrying an :class
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -36,12 +36,12 @@ _msgpack_encoder = msgspec.msgpack.Encoder()
 _json_encoder = msgspec.json.Encoder()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _msgpack_decoder(tp: Any) -> msgspec.msgpack.Decoder[Any]:
     return msgspec.msgpack.Decoder(tp)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _json_decoder(tp: Any) -> msgspec.json.Decoder[Any]:
     return msgspec.json.Decoder(tp)
 

@@ -115,6 +115,9 @@ class EmbeddedNats:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                # Its own session: a terminal's Ctrl-C reaches our process only, which stops the clients first
+                # and the server last. The parent-death signal still takes it down if we are killed.
+                start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         deadline = time.monotonic() + timeout_s

@@ -20,7 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-EngineAction = Literal["generate", "prep_recv", "remote_send", "start_generate", "abort", "set_roles"]
+EngineAction = Literal["generate", "prep_recv", "remote_send", "start_generate", "abort", "set_roles",
+                       "kv_snapshot"]
 ENGINE_ACTIONS: tuple[EngineAction, ...] = (
     "generate",
     "prep_recv",
@@ -28,6 +29,7 @@ ENGINE_ACTIONS: tuple[EngineAction, ...] = (
     "start_generate",
     "abort",
     "set_roles",
+    "kv_snapshot",
 )
 
 # A real token, or a ``{name}`` placeholder (used only when documenting subjects in the AsyncAPI export).

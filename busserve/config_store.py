@@ -1,0 +1,119 @@
+"""The live configuration, in a NATS JetStream key-value bucket: the active strategy and each engine's roles.
+
+Every router replica — and a router started later — reads the same values and watches them, so a switch made
+through any router (or the CLI) reaches all of them, without a restart. Keys::
+
+    strategy          StrategyState (name, params, revision)
+    roles.<engine>    RolesState
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from busserve.bus import codec
+from busserve.bus.client import Bus
+from busserve.errors import MalformedMessage
+from busserve.messages import Role, RolesState, StrategyState
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+STRATEGY_KEY = "strategy"
+
+
+def roles_key(engine_id: str) -> str:
+    return f"roles.{engine_id}"
+
+
+class ConfigUnavailable(Exception):
+    pass
+
+
+class ConfigStore:
+    def __init__(self, bus: Bus, kv: KeyValue) -> None:
+        self.bus = bus
+        self.kv = kv
+        self._watchers: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def open(cls, bus: Bus) -> ConfigStore:
+        js = bus.nc.jetstream(timeout=5)
+        bucket = bus.subjects.config_bucket()
+        try:
+            kv = await js.create_key_value(bucket=bucket, history=8, description="busserve live configuration")
+        except nats.js.errors.BadRequestError:
+            kv = await js.key_value(bucket)  # exists with another config: use it as it is
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError,
+                nats.errors.TimeoutError) as exc:
+            raise ConfigUnavailable(f"JetStream is not available on this NATS server ({exc}); "
+                                    "run nats-server with -js (busserve up does)") from exc
+        return cls(bus, kv)
+
+    async def _get(self, key: str, tp: type[T]) -> tuple[T, int] | None:
+        try:
+            entry = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        try:
+            return codec.decode(entry.value, tp), int(entry.revision or 0)
+        except MalformedMessage as exc:
+            log.warning("ignoring unreadable %s in the config bucket: %s", key, exc)
+            return None
+
+    async def get_strategy(self) -> StrategyState | None:
+        found = await self._get(STRATEGY_KEY, StrategyState)
+        if found is None:
+            return None
+        state, rev = found
+        state.revision = rev
+        return state
+
+    async def put_strategy(self, state: StrategyState) -> int:
+        return int(await self.kv.put(STRATEGY_KEY, codec.encode(state)))
+
+    async def get_roles(self, engine_id: str) -> list[Role] | None:
+        found = await self._get(roles_key(engine_id), RolesState)
+        return list(found[0].roles) if found else None
+
+    async def put_roles(self, engine_id: str, roles: list[Role]) -> int:
+        return int(await self.kv.put(roles_key(engine_id), codec.encode(RolesState(engine_id=engine_id, roles=roles))))
+
+    async def watch(self, key: str, tp: type[T], on_change: Callable[[T, int], Awaitable[None] | None]) -> None:
+        """Call ``on_change(value, revision)`` for the current value and every later one, until ``close``."""
+        watcher = await self.kv.watch(key)
+        self._watchers.append(watcher)
+
+        async def pump() -> None:
+            async for entry in watcher:
+                if entry is None or entry.value is None or entry.operation in ("DEL", "PURGE"):
+                    continue
+                try:
+                    value = codec.decode(entry.value, tp)
+                except MalformedMessage as exc:
+                    log.warning("ignoring unreadable %s in the config bucket: %s", key, exc)
+                    continue
+                result = on_change(value, int(entry.revision or 0))
+                if asyncio.iscoroutine(result):
+                    await result
+
+        self._tasks.append(asyncio.create_task(pump(), name=f"config-watch-{key}"))
+
+    async def close(self) -> None:
+        for w in self._watchers:
+            with contextlib.suppress(Exception):
+                await w.stop()
+        for t in self._tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t

@@ -1,0 +1,117 @@
+"""Paged attention for transformers' own model code, registered as the attention implementation "busserve_paged".
+
+transformers' Llama-family attention modules compute Q, K, V and RoPE, then call the registered attention function
+with every keyword argument the model was called with. We pass ``busserve_attn=AttentionMetadata`` (built once
+per step by the runner), so this function can
+
+1. write the new K/V of every token of the step into the paged pool at ``slot_mapping`` (the "append" op);
+2. tell the layer hook that this layer's KV is in place — the eager, per-layer KV sends hang off this hook;
+3. attend: all decoding sequences in one batched SDPA over their gathered, padded context (GQA folded into the
+   query axis so no K/V head is repeated), and each prefill chunk in its own SDPA (causal, aligned to the end of
+   its context when earlier tokens come from the cache).
+
+The batch is flat: ``query`` is ``[1, heads, tokens, head_dim]`` with the tokens of all sequences side by side.
+This is the CPU (torch) path; a GPU backend (flashinfer) replaces ``paged_attention`` behind the same metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from busserve.kv.storage import KVStorage
+
+ATTN_IMPLEMENTATION = "busserve_paged"
+
+
+@dataclass
+class DecodeGroup:
+    """Sequences that compute one token this step, attended together over a padded context."""
+
+    token_index: torch.Tensor  # [B] position of each sequence's token in the flat batch
+    slots: torch.Tensor  # [B * max_len] context slots, row-major, padded with slot 0
+    mask: torch.Tensor | None  # [B, 1, 1, max_len] True where a context position is real; None: all are
+    max_len: int
+
+    @property
+    def size(self) -> int:
+        return int(self.token_index.numel())
+
+
+@dataclass
+class PrefillChunk:
+    q_start: int
+    q_len: int
+    ctx_len: int  # tokens attended to: the cached/earlier context plus this chunk
+    slots: torch.Tensor | None  # [ctx_len] when earlier tokens live in the pool; None when the chunk is all
+
+
+@dataclass
+class AttentionMetadata:
+    kv: KVStorage
+    slot_mapping: torch.Tensor  # [tokens] where each new token's K/V goes
+    decode: DecodeGroup | None
+    prefills: list[PrefillChunk]
+    layer_hook: Callable[[int], None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    meta: AttentionMetadata = kwargs["busserve_attn"]
+    layer: int = module.layer_idx  # type: ignore[assignment]
+    _, num_heads, num_tokens, head_dim = query.shape
+    num_kv = key.shape[1]
+    k_new = key[0].transpose(0, 1)  # [tokens, kv_heads, head_dim]
+    v_new = value[0].transpose(0, 1)
+    k_cache, v_cache = meta.kv.layer_kv(layer)
+    k_cache.index_copy_(0, meta.slot_mapping, k_new)
+    v_cache.index_copy_(0, meta.slot_mapping, v_new)
+    if meta.layer_hook is not None:
+        meta.layer_hook(layer)
+
+    out = query.new_empty(num_tokens, num_heads, head_dim)
+    q = query[0]  # [heads, tokens, head_dim]
+
+    if meta.decode is not None:
+        d = meta.decode
+        b, group = d.size, num_heads // num_kv
+        # [heads, B, D] -> [B, kv_heads, group, D]: the heads sharing a K/V head become its "query length".
+        qd = q[:, d.token_index, :].view(num_kv, group, b, head_dim).permute(2, 0, 1, 3)
+        kd = k_cache.index_select(0, d.slots).view(b, d.max_len, num_kv, head_dim).permute(0, 2, 1, 3)
+        vd = v_cache.index_select(0, d.slots).view(b, d.max_len, num_kv, head_dim).permute(0, 2, 1, 3)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scaling)
+        out[d.token_index] = od.reshape(b, num_heads, head_dim)
+
+    for c in meta.prefills:
+        qs = q[:, c.q_start : c.q_start + c.q_len, :].unsqueeze(0)
+        if c.slots is None:
+            ks = key[:, :, c.q_start : c.q_start + c.q_len, :]
+            vs = value[:, :, c.q_start : c.q_start + c.q_len, :]
+            oc = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling, enable_gqa=True)
+        else:
+            ks = k_cache.index_select(0, c.slots).transpose(0, 1).unsqueeze(0)
+            vs = v_cache.index_select(0, c.slots).transpose(0, 1).unsqueeze(0)
+            # Causal, aligned to the end: query i (at position ctx-q_len+i) sees keys 0..ctx-q_len+i.
+            rows = torch.arange(c.q_len).unsqueeze(1) + (c.ctx_len - c.q_len)
+            mask = torch.arange(c.ctx_len).unsqueeze(0) <= rows
+            oc = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling, enable_gqa=True)
+        out[c.q_start : c.q_start + c.q_len] = oc[0].transpose(0, 1)
+
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)

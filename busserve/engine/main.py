@@ -1,0 +1,118 @@
+"""``busserve engine``: load the model, build the engine core and serve it on the bus until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import secrets
+import signal
+from dataclasses import dataclass
+
+import torch
+
+from busserve.bus.background import BackgroundLoop
+from busserve.bus.client import Bus
+from busserve.bus.config import BusConfig
+from busserve.engine.engine_core import EngineConfig, EngineCore
+from busserve.engine.model_loader import LoadedModel, load_model, resolve_dtype
+from busserve.engine.runner import kv_layout_for
+from busserve.engine.service import EngineService, ServiceConfig
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (e.g. 512MiB, 2GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass
+class EngineOptions:
+    engine_id: str
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    page_size: int = 16
+    kv_pages: int | None = None
+    kv_memory: str = "1GiB"
+    max_batch_tokens: int | None = None
+    max_running: int = 64
+    max_model_len: int | None = None
+    threads: int | None = None
+    transports: tuple[str, ...] = ("shm", "bus")
+    roles: tuple[str, ...] = ("prefill", "decode")
+    metrics_port: int = 0
+
+
+def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> EngineCore:
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if loaded is None:
+        loaded = load_model(opts.model, dtype=resolve_dtype(opts.dtype, opts.device), device=opts.device,
+                            max_model_len=opts.max_model_len)
+    per_page = kv_layout_for(loaded, 1, opts.page_size, next(loaded.model.parameters()).dtype).nbytes
+    num_pages = opts.kv_pages or max(16, parse_bytes(opts.kv_memory) // per_page)
+    # CPU prefill is compute-bound: chunks of ~512 tokens keep decode steps short without losing throughput.
+    budget = opts.max_batch_tokens or (512 if opts.device == "cpu" else 8192)
+    config = EngineConfig(
+        engine_id=opts.engine_id, page_size=opts.page_size, num_pages=num_pages, max_batch_tokens=budget,
+        max_running=opts.max_running, max_model_len=opts.max_model_len, transports=list(opts.transports),
+        shm_kv="shm" in opts.transports and opts.device == "cpu",
+    )
+    return EngineCore(config, loaded, emit=lambda outs: None)
+
+
+def run_engine_process(opts: EngineOptions, bus_config: BusConfig) -> None:
+    """Serve until SIGINT/SIGTERM: compute on this (main) thread, bus I/O on a background event loop."""
+    core = build_core(opts)
+    io = BackgroundLoop(name=f"engine-{opts.engine_id}-bus")
+    bus: Bus | None = None
+    service: EngineService | None = None
+    try:
+        bus = io.run(Bus.connect(bus_config, name=f"busserve-engine-{opts.engine_id}"))
+        service = EngineService(bus, core, ServiceConfig(roles=list(opts.roles)))  # type: ignore[arg-type]
+        io.run(service.start(run_core=False))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: core.request_stop())
+        print(f"engine {opts.engine_id} ready ({core.loaded.name}, {core.allocator.num_pages} KV pages)", flush=True)
+        core.run()
+    finally:
+        if service is not None:
+            io.run(service.stop(), timeout=60)
+        if bus is not None:
+            io.run(bus.close(), timeout=10)
+        core.stop()
+        io.close()
+
+
+def options_from_args(args: argparse.Namespace) -> EngineOptions:
+    return EngineOptions(
+        engine_id=args.id or f"e-{secrets.token_hex(3)}", model=args.model, dtype=args.dtype, device=args.device,
+        page_size=args.page_size, kv_pages=args.kv_pages, kv_memory=args.kv_memory,
+        max_batch_tokens=args.max_batch_tokens, max_running=args.max_running, max_model_len=args.max_model_len,
+        threads=args.threads, transports=tuple(args.transport or ("shm", "bus")),
+        roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()), metrics_port=args.metrics_port,
+    )
+
+
+def run_engine_command(args: argparse.Namespace) -> int:
+    from busserve.cli import bus_config
+
+    opts = options_from_args(args)
+    bad = [r for r in opts.roles if r not in ("prefill", "decode")]
+    if bad:
+        print(f"unknown role(s) {bad}; use prefill, decode", flush=True)
+        return 2
+    cfg = bus_config(args)
+    try:
+        run_engine_process(opts, cfg)
+    except ConnectionError as exc:
+        print(f"busserve engine: {exc}", flush=True)
+        return 1
+    return 0
+

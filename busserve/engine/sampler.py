@@ -1,0 +1,85 @@
+"""Token sampling for one step's batch of logits.
+
+Greedy rows (temperature 0) take the argmax. The others are scaled by temperature and filtered by top-k, top-p and
+min-p in one vectorized pass, then drawn one row at a time with the request's own generator: a request with a
+``seed`` owns a ``torch.Generator`` seeded with it, so its draws do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from busserve.messages import SamplingParams
+
+_shared_generator = torch.Generator().manual_seed(0x5EED)
+
+
+@dataclass
+class SamplingState:
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    generator: torch.Generator | None
+
+    @classmethod
+    def from_params(cls, p: SamplingParams) -> SamplingState:
+        gen = torch.Generator().manual_seed(p.seed) if p.seed is not None and p.temperature > 0 else None
+        return cls(temperature=p.temperature, top_p=p.top_p, top_k=max(p.top_k, 0), min_p=p.min_p, generator=gen)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
+    """One token per row of ``logits`` ([rows, vocab], any float dtype)."""
+    if not states:
+        return []
+    logits = logits.float()
+    out = logits.argmax(dim=-1).tolist()
+    random_rows = [i for i, s in enumerate(states) if not s.greedy]
+    if not random_rows:
+        return [int(t) for t in out]
+    idx = torch.tensor(random_rows)
+    rows = logits[idx]
+    sts = [states[i] for i in random_rows]
+    rows = rows / torch.tensor([s.temperature for s in sts]).unsqueeze(1)
+    rows = _top_k(rows, [s.top_k for s in sts])
+    probs = torch.softmax(rows, dim=-1)
+    probs = _top_p(probs, [s.top_p for s in sts])
+    probs = _min_p(probs, [s.min_p for s in sts])
+    for j, (i, s) in enumerate(zip(random_rows, sts, strict=True)):
+        out[i] = int(torch.multinomial(probs[j], 1, generator=s.generator or _shared_generator))
+    return [int(t) for t in out]
+
+
+def _top_k(rows: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    if not any(ks):
+        return rows
+    vocab = rows.shape[-1]
+    k = torch.tensor([k if 0 < k < vocab else vocab for k in ks])
+    kth = rows.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+    return rows.masked_fill(rows < kth, float("-inf"))
+
+
+def _top_p(probs: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    if all(p >= 1.0 for p in ps):
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    cum = sorted_p.cumsum(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+    drop_sorted = (cum - sorted_p) >= torch.tensor(ps).unsqueeze(1)
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    probs = probs.masked_fill(drop, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def _min_p(probs: torch.Tensor, mins: list[float]) -> torch.Tensor:
+    if not any(mins):
+        return probs
+    floor = probs.max(dim=-1, keepdim=True).values * torch.tensor(mins).unsqueeze(1)
+    probs = probs.masked_fill(probs < floor, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)

@@ -1,0 +1,281 @@
+"""Continuous batching over one token budget per step. Plain Python: no torch, no NATS.
+
+Each step:
+ 1. running sequences, oldest first, take what they need — one token when decoding, a chunk when prefilling —
+    growing their pages; when pages run out, the youngest running sequences are preempted (pages released,
+    state kept, prefill recomputed later, mostly from the prefix cache);
+ 2. waiting sequences are admitted in arrival order (FCFS: the head blocks the rest) while budget, pages and
+    ``max_running`` allow; an admitted sequence first reuses the longest cached prefix of its tokens.
+
+Prefill chunks and decode tokens share one batch. Parked sequences (prep_recv) hold reserved pages and are not
+scheduled until start_generate. The engine calls ``schedule`` → runs the batch → ``advance`` → samples.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from busserve.engine.sequence import SeqKind, SeqStatus, Sequence
+from busserve.kv.pool import OutOfPages, PageAllocator
+from busserve.kv.radix_cache import RadixCache
+
+
+class DuplicateRequest(Exception):
+    pass
+
+
+@dataclass
+class SchedulerConfig:
+    page_size: int = 16
+    max_batch_tokens: int = 1024
+    max_running: int = 64
+    max_model_len: int = 8192
+
+
+@dataclass
+class Batch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_tokens.append(n)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __iter__(self) -> Iterator[tuple[Sequence, int]]:
+        return iter(zip(self.seqs, self.num_tokens, strict=True))
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator, cache: RadixCache) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.cache = cache
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.parked: dict[str, Sequence] = {}
+        self.by_id: dict[str, Sequence] = {}
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ intake
+
+    def _register(self, seq: Sequence) -> None:
+        if seq.request_id in self.by_id:
+            raise DuplicateRequest(f"request {seq.request_id!r} is already on this engine")
+        self.by_id[seq.request_id] = seq
+
+    def add(self, seq: Sequence) -> None:
+        self._register(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def park(self, seq: Sequence, end: int, lease_deadline: float) -> int:
+        """prep_recv: reuse the cached prefix of ``prompt[:end]`` and reserve pages for the rest of ``[0, end)``.
+
+        The match stops short of the prompt's last token, so that the page the receiver will compute into is
+        never a shared one. Returns ``matched``; raises OutOfPages (holding nothing) when the pool is too full.
+        """
+        if seq.request_id in self.by_id:
+            raise DuplicateRequest(f"request {seq.request_id!r} is already on this engine")
+        ps = self.config.page_size
+        limit = min(end, seq.prompt_len - 1)
+        matched_pages = self.cache.match(seq.token_ids, limit) if limit > 0 else []
+        self.allocator.incref(matched_pages)
+        new = self._alloc(-(-end // ps) - len(matched_pages))
+        if new is None:
+            self.allocator.decref(matched_pages)
+            raise OutOfPages(f"cannot reserve {end} tokens of KV ({self.allocator.free_count} pages free)")
+        self._register(seq)
+        seq.pages = matched_pages + new
+        seq.num_computed = seq.num_cached = len(matched_pages) * ps
+        seq.parked_end = end
+        seq.lease_deadline = lease_deadline
+        seq.status = SeqStatus.PARKED
+        self.parked[seq.request_id] = seq
+        return seq.num_computed
+
+    def start_parked(self, request_id: str, begin: int) -> Sequence:
+        """start_generate: the KV of ``[0, begin)`` is in place; queue the rest of the prefill and the decode."""
+        seq = self.parked.pop(request_id)
+        if begin == 0:
+            seq.num_computed = seq.num_cached = 0
+            self.allocator.decref(seq.pages)
+            seq.pages = []
+        else:
+            # At least one prompt token must be computed here to get logits for the first output token.
+            seq.num_computed = seq.num_cached = min(begin, seq.prompt_len - 1)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)  # its prefill already happened elsewhere: first in line
+        return seq
+
+    # ------------------------------------------------------------------ the step
+
+    def schedule(self) -> Batch:
+        batch = Batch()
+        budget = self.config.max_batch_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.remaining, budget)
+            if n > 0:
+                if self._grow_or_preempt(seq, seq.num_computed + n, i):
+                    batch.add(seq, n)
+                    budget -= n
+                elif seq.status is not SeqStatus.RUNNING:
+                    continue  # seq preempted itself; the list shifted
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+            seq = self.waiting[0]
+            n = self._admit(seq, budget)
+            if n is None:
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            if n > 0:
+                batch.add(seq, n)
+                budget -= n
+        return batch
+
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Match a cached prefix (fresh sequences), then reserve pages for the first chunk. None: cannot admit."""
+        fresh = not seq.pages and seq.num_computed == 0
+        matched: list[int] = []
+        if fresh:
+            limit = seq.compute_target - (1 if seq.kind is SeqKind.GENERATE else 0)
+            record = seq.kind is SeqKind.GENERATE and seq.num_preemptions == 0
+            matched = self.cache.match(seq.token_ids, limit, record=record) if limit > 0 else []
+            self.allocator.incref(matched)  # before allocating, so eviction cannot take them
+            seq.pages = matched
+            seq.num_computed = seq.num_cached = len(matched) * self.config.page_size
+        n = min(seq.remaining, budget)
+        if n > 0 and not self._grow(seq, seq.num_computed + n):
+            if fresh:
+                self.allocator.decref(matched)
+                seq.pages = []
+                seq.num_computed = seq.num_cached = 0
+            return None
+        return n
+
+    def _grow(self, seq: Sequence, upto: int) -> bool:
+        need = -(-upto // self.config.page_size) - len(seq.pages)
+        if need <= 0:
+            return True
+        new = self._alloc(need)
+        if new is None:
+            return False
+        seq.pages.extend(new)
+        return True
+
+    def _grow_or_preempt(self, seq: Sequence, upto: int, index: int) -> bool:
+        while not self._grow(seq, upto):
+            victim = self._victim(after=index)
+            if victim is None:
+                if seq.kind is SeqKind.GENERATE:
+                    self.preempt(seq)
+                return False
+            self.preempt(victim)
+        return True
+
+    def _victim(self, after: int) -> Sequence | None:
+        """The youngest running GENERATE sequence not yet scheduled in this step."""
+        for j in range(len(self.running) - 1, after, -1):
+            if self.running[j].kind is SeqKind.GENERATE:
+                return self.running[j]
+        return None
+
+    def _alloc(self, n: int) -> list[int] | None:
+        if n <= 0:
+            return []
+        short = n - self.allocator.free_count
+        if short > 0 and self.cache.evict(short) < short:
+            return None
+        try:
+            return self.allocator.alloc(n)
+        except OutOfPages:
+            return None
+
+    def preempt(self, seq: Sequence) -> None:
+        """Release a running sequence's pages; it recomputes later (its full pages stay cached meanwhile)."""
+        self.running.remove(seq)
+        self._release(seq, cache_computed=True)
+        seq.num_computed = seq.num_cached = 0
+        seq.prompt_cached = False
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    # ------------------------------------------------------------------ after the step
+
+    def advance(self, batch: Batch) -> None:
+        ps = self.config.page_size
+        for seq, n in batch:
+            seq.num_computed += n
+            if not seq.prompt_cached:
+                upto = seq.prompt_len if seq.kind is SeqKind.GENERATE else seq.target
+                if seq.num_computed >= upto:
+                    self.cache.insert(seq.token_ids[:upto], seq.pages[: upto // ps])
+                    seq.prompt_cached = True
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence wherever it is and give its pages back (computed full pages stay cached)."""
+        if self.by_id.pop(seq.request_id, None) is None:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status is SeqStatus.PARKED:
+            del self.parked[seq.request_id]
+        # Parked pages may still be in flight from a sender: never offer them to the cache.
+        self._release(seq, cache_computed=seq.status is not SeqStatus.PARKED)
+        seq.status = SeqStatus.FINISHED
+
+    def _release(self, seq: Sequence, *, cache_computed: bool) -> None:
+        ps = self.config.page_size
+        if cache_computed and seq.pages:
+            full = min(seq.num_computed, len(seq.token_ids)) // ps
+            if full:
+                self.cache.insert(seq.token_ids[: full * ps], seq.pages[:full])
+        self.allocator.decref(seq.pages)
+        seq.pages = []
+
+    def expired_parked(self, now: float) -> list[Sequence]:
+        return [s for s in self.parked.values() if s.lease_deadline <= now]
+
+    # ------------------------------------------------------------------ accounting
+
+    @property
+    def has_work(self) -> bool:
+        return any(s.remaining > 0 for s in self.running) or bool(self.waiting)
+
+    def pages_held_by_requests(self) -> int:
+        """References held by live sequences; 0 when nothing is alive."""
+        return sum(len(s.pages) for s in self.by_id.values())
+
+    def check_pages(self) -> None:
+        """Every page reference is accounted for: refcount == (1 if cached) + live sequences holding it, and a
+        page is free exactly when its refcount is 0. Raises AssertionError naming the first page that is off."""
+        expected = [0] * self.allocator.num_pages
+        for p in self.cache.pages_set():
+            expected[p] += 1
+        for seq in self.by_id.values():
+            for p in seq.pages:
+                expected[p] += 1
+        for p, want in enumerate(expected):
+            got = self.allocator.refcount(p)
+            assert got == want, f"page {p}: refcount {got}, accounted {want}"
+        free = sum(1 for r in expected if r == 0)
+        assert free == self.allocator.free_count, f"{self.allocator.free_count} pages on the free list, {free} free"

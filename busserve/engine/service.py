@@ -1,0 +1,306 @@
+"""The engine on the bus: subscriptions, replies, heartbeats. Bus I/O lives here, in asyncio; compute does not.
+
+Subjects (see ``busserve.bus.subjects``):
+  * ``engine.<id>.*`` — one subscription for generate / prep_recv / remote_send / start_generate / abort /
+    set_roles, so actions reach the compute thread in the order they were sent;
+  * ``cancel`` — client cancels; ``kv.<id>`` — KV chunks when the bus is the transport;
+  * publishes ``engines.status`` heartbeats and ``engines.<id>.kv`` prefix-cache events.
+
+Events produced by the compute thread are handed over in batches and published by one task, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from busserve.bus import codec
+from busserve.bus.client import Bus, request_content_type
+from busserve.bus.subjects import Subjects
+from busserve.config_store import ConfigStore, ConfigUnavailable, roles_key
+from busserve.engine.engine_core import EngineCore
+from busserve.engine.requests import ActionCmd, CallCmd, CancelCmd, GenerateCmd, Outbound
+from busserve.errors import MalformedMessage
+from busserve.kv.transfer.base import TransferError
+from busserve.kv.transfer.bus import BusTransport
+from busserve.kv.transfer.nvshmem import require_nvshmem
+from busserve.kv.transfer.shm import ShmTransport
+from busserve.messages import (
+    Abort,
+    Cancel,
+    EngineStatus,
+    Error,
+    GenerateRequest,
+    KVChunk,
+    KVCommit,
+    KVCommitReply,
+    PrepRecv,
+    RemoteSend,
+    Role,
+    RolesState,
+    SetRoles,
+    StartGenerate,
+)
+from busserve.tokenization import RequestRejected, prompt_token_ids
+
+log = logging.getLogger(__name__)
+
+ACTION_TYPES: dict[str, type] = {
+    "prep_recv": PrepRecv,
+    "remote_send": RemoteSend,
+    "start_generate": StartGenerate,
+    "abort": Abort,
+}
+# How long the bus side waits for the compute thread to answer an action. remote_send waits for a whole prefill.
+ACTION_TIMEOUT_S = {"prep_recv": 30.0, "start_generate": 30.0, "abort": 30.0, "remote_send": 900.0,
+                    "kv_snapshot": 30.0}
+
+
+@dataclass
+class ServiceConfig:
+    roles: list[Role] = field(default_factory=lambda: ["prefill", "decode"])
+    heartbeat_s: float = 1.0
+    metrics_url: str = ""
+
+
+class EngineService:
+    def __init__(self, bus: Bus, core: EngineCore, config: ServiceConfig | None = None) -> None:
+        self.bus = bus
+        self.core = core
+        self.config = config or ServiceConfig()
+        self.engine_id = core.config.engine_id
+        self.subjects: Subjects = bus.subjects
+        core.kv_events_subject = self.subjects.engine_kv_events(self.engine_id)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: asyncio.Queue[list[Outbound]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._subs: list[Any] = []
+        self._heartbeat_seq = 0
+        self.host = socket.gethostname()
+        self.store: ConfigStore | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, *, run_core: bool = True) -> None:
+        """Subscribe and heartbeat; with ``run_core`` also start the compute loop on its own thread (otherwise
+        the caller runs ``core.run()`` — the engine process does, on its main thread)."""
+        self.loop = asyncio.get_running_loop()
+        self.core.emit = self._emit_threadsafe
+        if self.core.kv.shm_name is not None and "shm" in self.core.config.transports:
+            self.core.transports["shm"] = ShmTransport(self.core.kv, self.core.transfer_executor)
+        if "bus" in self.core.config.transports:
+            self.core.transports["bus"] = BusTransport(self.bus, self.loop, self.core.transfer_executor,
+                                                       self.engine_id)
+        if "nvshmem" in self.core.config.transports:
+            require_nvshmem()  # asked for explicitly: refuse to start rather than silently fall back
+        self._tasks.append(asyncio.create_task(self._publisher(), name="engine-publisher"))
+        self._subs.append(await self.bus.subscribe(self.subjects.engine_actions_wildcard(self.engine_id),
+                                                   self._on_action))
+        self._subs.append(await self.bus.subscribe(self.subjects.cancel(), self._on_cancel))
+        self._subs.append(await self.bus.subscribe(self.subjects.kv_data(self.engine_id), self._on_kv_data))
+        await self.bus.nc.flush()
+        await self._follow_stored_roles()
+        if run_core:
+            self.core.start()
+        self._tasks.append(asyncio.create_task(self._heartbeat(), name="engine-heartbeat"))
+        log.info("engine %s serving %s (%d KV pages of %d tokens, transports: %s)", self.engine_id,
+                 self.core.loaded.name, self.core.allocator.num_pages, self.core.config.page_size,
+                 ", ".join(self.core.transports))
+
+    async def _follow_stored_roles(self) -> None:
+        """Roles changed at run time live in the config bucket: take them now, and follow later changes."""
+        try:
+            self.store = await ConfigStore.open(self.bus)
+        except ConfigUnavailable as exc:
+            log.info("roles fixed at %s: %s", ",".join(self.config.roles), exc)
+            return
+        stored = await self.store.get_roles(self.engine_id)
+        if stored:
+            self.config.roles = stored
+            log.info("roles from the config bucket: %s", ",".join(stored))
+
+        def on_change(state: RolesState, revision: int) -> None:
+            if state.roles and list(state.roles) != self.config.roles:
+                self.config.roles = list(state.roles)
+                log.info("roles now %s", ",".join(state.roles))
+
+        await self.store.watch(roles_key(self.engine_id), RolesState, on_change)
+
+    async def stop(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        await asyncio.get_running_loop().run_in_executor(None, self.core.stop)
+        # Let the last events out before the publisher goes.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._outbox.join(), timeout=5)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    # ------------------------------------------------------------------ outbound
+
+    def _emit_threadsafe(self, outs: list[Outbound]) -> None:
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._outbox.put_nowait, outs)
+
+    async def _publisher(self) -> None:
+        while True:
+            outs = await self._outbox.get()
+            try:
+                for o in outs:
+                    try:
+                        await self.bus.publish(o.subject, o.msg, content_type=o.content_type, trace=False)
+                    except Exception as exc:
+                        log.warning("could not publish to %s: %s", o.subject, exc)
+            finally:
+                self._outbox.task_done()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self.bus.publish(self.subjects.engines_status(), self.status())
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.config.heartbeat_s)
+
+    def status(self) -> EngineStatus:
+        core = self.core
+        sched = core.scheduler
+        self._heartbeat_seq += 1
+        return EngineStatus(
+            engine_id=self.engine_id, model=core.loaded.name, roles=list(self.config.roles),
+            running=sum(1 for s in list(sched.running) if s.ctx is not None),
+            waiting=len(sched.waiting), parked=len(sched.parked), free_pages=core.allocator.free_count,
+            total_pages=core.allocator.num_pages, page_size=core.config.page_size,
+            max_model_len=core.max_model_len, transports=list(core.transports),  # type: ignore[arg-type]
+            host=self.host, pid=os.getpid(), cached_pages=core.cache.num_pages,
+            prefix_hit_rate=core.cache.hit_rate, interval_s=self.config.heartbeat_s, seq=self._heartbeat_seq,
+            metrics_url=self.config.metrics_url,
+        )
+
+    # ------------------------------------------------------------------ inbound
+
+    async def _on_action(self, msg: Msg) -> None:
+        action = Subjects.action_of(msg.subject)
+        ct = request_content_type(msg)
+        if action == "generate":
+            await self._on_generate(msg)
+            return
+        if action == "set_roles":
+            await self._on_set_roles(msg)
+            return
+        if action == "kv_snapshot":
+            assert self.loop is not None
+            fut: asyncio.Future[Any] = self.loop.create_future()
+            loop = self.loop
+            self.core.submit(CallCmd(self.core.kv_snapshot,
+                                     lambda v: loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(v))))
+            self._spawn(self._reply_when_done(msg, fut, action, ""))
+            return
+        typ = ACTION_TYPES.get(action)
+        if typ is None:
+            await self.bus.respond(msg, Error(code="invalid_request", message=f"unknown engine action {action!r}"))
+            return
+        try:
+            decoded = codec.decode(msg.data, typ, msg.headers)
+        except MalformedMessage as exc:
+            await self.bus.respond(msg, exc.error)
+            return
+        assert self.loop is not None
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        loop = self.loop
+
+        def reply(value: Any) -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(value))
+
+        # Submitted now, in arrival order; the reply is awaited off the subscription so that a long
+        # remote_send does not hold up the actions behind it.
+        self.core.submit(ActionCmd(decoded, reply, ct))
+        self._spawn(self._reply_when_done(msg, fut, action, decoded.request_id))
+
+    async def _reply_when_done(self, msg: Msg, fut: asyncio.Future[Any], action: str, rid: str) -> None:
+        try:
+            result = await asyncio.wait_for(fut, timeout=ACTION_TIMEOUT_S[action])
+        except TimeoutError:
+            result = Error(code="timeout", request_id=rid, message=f"engine {self.engine_id} did not finish {action}")
+        await self.bus.respond(msg, result)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _on_generate(self, msg: Msg) -> None:
+        """The direct data-parallel path: a whole request on this engine, streamed to the reply-to."""
+        ct = request_content_type(msg)
+        if not msg.reply:
+            log.warning("generate request without a reply subject on %s; dropped", msg.subject)
+            return
+        try:
+            req = codec.decode(msg.data, GenerateRequest, msg.headers)
+        except MalformedMessage as exc:
+            await self.bus.publish(msg.reply, exc.error, content_type=ct)
+            return
+        rid = req.request_id or uuid.uuid4().hex
+        ct = req.stream.content_type or ct
+        try:
+            if req.model and req.model != self.core.loaded.name:
+                raise RequestRejected("unknown_model", f"this engine serves {self.core.loaded.name!r}, "
+                                                       f"not {req.model!r}", field="model")
+            loop = asyncio.get_running_loop()
+            ids = await loop.run_in_executor(None, prompt_token_ids, self.core.loaded.tokenizer, req)
+        except RequestRejected as exc:
+            await self.bus.publish(msg.reply, exc.to_error(rid), content_type=ct)
+            return
+        self.core.submit(GenerateCmd(request_id=rid, token_ids=ids, sampling=req.sampling, stream_subject=msg.reply,
+                                     content_type=ct, include_usage=req.stream.include_usage))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = codec.decode(msg.data, Cancel, msg.headers)
+        except MalformedMessage as exc:
+            log.debug("bad cancel: %s", exc)
+            return
+        self.core.submit(CancelCmd(cancel.request_id, cancel.reason))
+
+    async def _on_set_roles(self, msg: Msg) -> None:
+        try:
+            req = codec.decode(msg.data, SetRoles, msg.headers)
+        except MalformedMessage as exc:
+            await self.bus.respond(msg, exc.error)
+            return
+        self.config.roles = list(dict.fromkeys(req.roles))
+        await self.bus.respond(msg, RolesState(engine_id=self.engine_id, roles=self.config.roles))
+
+    async def _on_kv_data(self, msg: Msg) -> None:
+        try:
+            decoded = codec.decode(msg.data, KVChunk | KVCommit, msg.headers)
+        except MalformedMessage as exc:
+            await self.bus.respond(msg, exc.error)
+            return
+        try:
+            if isinstance(decoded, KVChunk):
+                self.core.landing.write(decoded)
+            else:
+                chunks = self.core.landing.commit(decoded)
+                if chunks != decoded.chunks:
+                    raise TransferError(f"received {chunks} of {decoded.chunks} chunks for {decoded.request_id}")
+                await self.bus.respond(msg, KVCommitReply(request_id=decoded.request_id, chunks=chunks))
+        except TransferError as exc:
+            log.warning("KV data for %s refused: %s", decoded.request_id, exc)
+            await self.bus.respond(msg, Error(code="transfer_failed", message=str(exc),
+                                              request_id=decoded.request_id))
+

@@ -1,0 +1,201 @@
+"""The KV pool's tensors: ``[num_layers, 2 (K, V), num_pages, page_size, num_kv_heads, head_dim]``.
+
+Slot ``s`` of a layer is token ``s % page_size`` of page ``s // page_size``; ``layer_kv(l)`` returns flat
+``[num_slots, num_kv_heads, head_dim]`` views of K and V that attention indexes by slot. On the CPU the pool can
+live in shared memory (a file in /dev/shm mapped with MAP_SHARED) so that another engine on the same host can
+write into it directly — the ``shm`` transport. ``attach`` maps such a pool from its handle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+SHM_DIR = Path("/dev/shm")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, dt in DTYPES.items():
+        if dt == dtype:
+            return name
+    raise ValueError(f"unsupported KV dtype {dtype}")
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_pages: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_layers, 2, self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.finfo(self.dtype).bits // 8
+
+
+class KVStorage:
+    def __init__(self, layout: KVLayout, *, device: str | torch.device = "cpu", shm_name: str | None = None) -> None:
+        self.layout = layout
+        self.shm_name = shm_name
+        self._shm_path: Path | None = None
+        self._mm: mmap.mmap | None = None
+        if shm_name is not None:
+            if torch.device(device).type != "cpu":
+                raise ValueError("a shared-memory KV pool lives in host memory")
+            path = SHM_DIR / shm_name
+            with open(path, "wb") as f:
+                f.truncate(layout.nbytes)
+            self._shm_path = path
+            self._mm, flat = _map(path, layout, populate=False)
+            # tmpfs allocates a page on its first write, and on this kind of VM that costs ~40 us per 4 KiB: a
+            # transfer into never-touched pages ran at a quarter of its warm speed. Allocate the whole pool up
+            # front, in the background (the contents are not touched, so serving can start at once).
+            prefault_in_background(self._mm, name=f"prefault-{shm_name}")
+            self.data = flat.view(layout.shape)
+        else:
+            self.data = torch.zeros(layout.shape, dtype=layout.dtype, device=device)
+        ps = layout.page_size
+        slots = layout.num_pages * ps
+        # Flat per-layer views, built once: attention and transfers index them by slot.
+        self._k = [self.data[i, 0].view(slots, layout.num_kv_heads, layout.head_dim) for i in range(layout.num_layers)]
+        self._v = [self.data[i, 1].view(slots, layout.num_kv_heads, layout.head_dim) for i in range(layout.num_layers)]
+        self._np: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+    @classmethod
+    def attach(cls, shm_name: str, layout: KVLayout) -> KVStorage:
+        """Map another engine's shared-memory pool (the ``shm`` transport's sender side)."""
+        path = SHM_DIR / shm_name
+        if not path.exists():
+            raise FileNotFoundError(f"no shared KV pool {shm_name!r} on this host")
+        if path.stat().st_size != layout.nbytes:
+            raise ValueError(f"shared KV pool {shm_name!r} is {path.stat().st_size} bytes, expected {layout.nbytes}")
+        self = cls.__new__(cls)
+        self.layout = layout
+        self.shm_name = shm_name
+        self._shm_path = None  # not ours to unlink
+        self._mm, flat = _map(path, layout)
+        self.data = flat.view(layout.shape)
+        slots = layout.num_pages * layout.page_size
+        self._k = [self.data[i, 0].view(slots, layout.num_kv_heads, layout.head_dim) for i in range(layout.num_layers)]
+        self._v = [self.data[i, 1].view(slots, layout.num_kv_heads, layout.head_dim) for i in range(layout.num_layers)]
+        self._np = None
+        return self
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._k[layer], self._v[layer]
+
+    def layer_kv_np(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of a layer as numpy ``[num_pages, page_size, heads, dim]`` arrays over the same memory, for
+        copies made off the compute thread: numpy never starts an OpenMP team, so transfer threads cannot slow
+        the compute thread's kernels (see bus/background.py)."""
+        if self._np is None:
+            lay = self.layout
+            shape = (lay.num_pages, lay.page_size, lay.num_kv_heads, lay.head_dim)
+            self._np = [(as_numpy(k).reshape(shape), as_numpy(v).reshape(shape))
+                        for k, v in zip(self._k, self._v, strict=True)]
+        return self._np[layer]
+
+    def close(self) -> None:
+        """Unlink the shared-memory file if this pool created it (mapped pages stay valid until released)."""
+        if self._shm_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._shm_path)
+            self._shm_path = None
+
+
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in writable without touching their contents
+
+
+def prefault_in_background(mm: mmap.mmap, name: str, chunk: int = 64 << 20) -> threading.Thread | None:
+    """Allocate every page of a shared mapping on a background thread (no-op where madvise cannot do it)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    except (OSError, TypeError, ValueError):
+        return None
+    size = len(mm)
+
+    def run() -> None:
+        for off in range(0, size, chunk):
+            n = min(chunk, size - off)
+            if libc.madvise(ctypes.c_void_p(base + off), ctypes.c_size_t(n), MADV_POPULATE_WRITE) != 0:
+                return  # old kernel: pages are then allocated on first use instead
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _map(path: Path, layout: KVLayout, populate: bool = True) -> tuple[mmap.mmap, torch.Tensor]:
+    """Map a pool file shared. ``populate`` fills the page tables up front (MAP_POPULATE), so that a sender's
+    first write into another engine's pool does not fault page by page."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        mm = mmap.mmap(fd, layout.nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return mm, torch.frombuffer(mm, dtype=layout.dtype, count=layout.numel)
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor; 16-bit floats are viewed as raw 16-bit words (copies do not care)."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+def np_dtype(dtype: torch.dtype) -> np.dtype:
+    return np.dtype(np.int16) if dtype in (torch.bfloat16, torch.float16) else np.dtype(str(dtype).split(".")[-1])
+
+
+def page_spans(begin: int, end: int, page_size: int) -> Iterator[tuple[int, int, int]]:
+    """Positions ``[begin, end)`` cut at page boundaries, as ``(first_position, lo, hi)`` with ``[lo, hi)`` the
+    offsets inside the page. A transfer copies span by span: both pools put position ``p`` at offset
+    ``p % page_size`` (reservations start on a page boundary), so each span is one block copy — a page's worth
+    of rows instead of one row per token."""
+    p = begin
+    while p < end:
+        lo = p % page_size
+        hi = min(page_size, lo + end - p)
+        yield p, lo, hi
+        p += hi - lo
+
+
+def slots_for(pages: list[int] | torch.Tensor, positions: torch.Tensor, page_size: int, start: int = 0) -> torch.Tensor:
+    """Slot of each position, for a page table whose first page holds position ``start`` (page-aligned)."""
+    table = pages if isinstance(pages, torch.Tensor) else torch.tensor(pages, dtype=torch.long)
+    rel = positions - start
+    return table[rel // page_size] * page_size + rel % page_size

@@ -1,0 +1,149 @@
+"""The KV transfer interface: one-sided writes into a receiver's reserved slots.
+
+A receiver answers prep_recv with a :class:`KVAddress` (its pages for positions ``[start, end)``, its pool's
+layout, and a transport handle). The sender opens a :class:`KVWriter` on that address and writes layer by layer
+as each layer's KV is computed; ``finish`` reports once every byte has landed, and only then does remote_send
+reply. The receiver takes no part in a write — except on the ``bus`` transport, where its subscription plays the
+part of the NIC.
+
+Writes run on the engine's single transfer thread, in order, so the compute thread goes on to the next layer
+while the previous one is copied or sent. A writer refuses to write once the receiver's lease is about to end,
+so a late sender never scribbles over pages the receiver has given back.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from busserve.kv.storage import KVStorage, dtype_name, page_spans
+from busserve.messages import KVAddress
+
+# Stop writing this long before the receiver's lease ends (clocks of one host, or NTP-synced hosts).
+LEASE_SAFETY_MARGIN_S = 1.0
+
+DoneCallback = Callable[[Exception | None, int], None]
+
+
+class TransferError(Exception):
+    pass
+
+
+def check_compatible(addr: KVAddress, src: KVStorage) -> None:
+    lay = src.layout
+    theirs = (addr.num_layers, addr.num_kv_heads, addr.head_dim, addr.dtype, addr.page_size)
+    ours = (lay.num_layers, lay.num_kv_heads, lay.head_dim, dtype_name(lay.dtype), lay.page_size)
+    if theirs != ours:
+        raise TransferError(
+            f"kv_addr of engine {addr.engine_id} has layout (layers, kv_heads, head_dim, dtype, page_size)={theirs},"
+            f" this engine's pool is {ours}: not the same model"
+        )
+
+
+def check_range(addr: KVAddress, begin: int, end: int) -> None:
+    if begin < addr.start or end > addr.end:
+        raise TransferError(f"positions [{begin}, {end}) fall outside the reserved [{addr.start}, {addr.end})")
+
+
+def spans_to(addr: KVAddress, src_pages: list[int], begin: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(src_page, dst_page, lo, hi)`` block copies moving positions ``[begin, end)`` into the reservation."""
+    check_range(addr, begin, end)
+    ps = addr.page_size
+    for p, lo, hi in page_spans(begin, end, ps):
+        yield src_pages[p // ps], addr.pages[(p - addr.start) // ps], lo, hi
+
+
+def block_copies(spans: Iterator[tuple[int, int, int, int]], page_size: int
+                 ) -> list[tuple[int, int, int, int, int]]:
+    """Merge page spans into ``(src_page, dst_page, pages, lo, hi)`` blocks: runs of whole pages that are
+    consecutive on both sides become one copy (pages come off the free list in order, so runs are common)."""
+    out: list[tuple[int, int, int, int, int]] = []
+    for s, d, lo, hi in spans:
+        if out and lo == 0 and hi == page_size:
+            s0, d0, n, plo, phi = out[-1]
+            if plo == 0 and phi == page_size and s == s0 + n and d == d0 + n:
+                out[-1] = (s0, d0, n + 1, 0, page_size)
+                continue
+        out.append((s, d, 1, lo, hi))
+    return out
+
+
+class KVWriter(ABC):
+    """Writes one request's KV into one receiver. Calls are queued on the transfer thread, in order."""
+
+    def __init__(self, addr: KVAddress, src: KVStorage, executor: ThreadPoolExecutor) -> None:
+        self.addr = addr
+        self.src = src
+        self._executor = executor
+        self._futures: list[Future[int]] = []
+        self.bytes_written = 0
+        self.busy_s = 0.0  # time the transfer thread spent on this writer's writes
+        self.layers_written: set[int] = set()
+        self._failed: Exception | None = None
+
+    def _check_lease(self) -> None:
+        if self.addr.expires_at and time.time() > self.addr.expires_at - LEASE_SAFETY_MARGIN_S:
+            raise TransferError(f"the receiver's lease on {self.addr.request_id} has (nearly) expired")
+
+    def write(self, layer: int, src_pages: list[int], begin: int, end: int) -> None:
+        """Queue the KV of positions ``[begin, end)`` of ``layer``, read from our pages ``src_pages`` (the
+        sender's page table: position ``p`` is in ``src_pages[p // page_size]``)."""
+        if end <= begin:
+            return
+        self._futures.append(self._executor.submit(self._guarded_write, layer, src_pages, begin, end))
+
+    def _guarded_write(self, layer: int, src_pages: list[int], begin: int, end: int) -> int:
+        if self._failed is not None:
+            return 0
+        t0 = time.perf_counter()
+        try:
+            self._check_lease()
+            n = self._write(layer, src_pages, begin, end)
+        except Exception as exc:
+            self._failed = exc
+            return 0
+        finally:
+            self.busy_s += time.perf_counter() - t0
+        self.bytes_written += n
+        self.layers_written.add(layer)
+        return n
+
+    @abstractmethod
+    def _write(self, layer: int, src_pages: list[int], begin: int, end: int) -> int:
+        """Do the write (on the transfer thread); return bytes written."""
+
+    def _commit(self) -> None:  # noqa: B027 - optional hook
+        """After the last write (on the transfer thread): make sure everything has landed."""
+
+    def finish(self, on_done: DoneCallback) -> None:
+        """Call ``on_done(error, bytes)`` on the transfer thread once every queued write has landed."""
+
+        def done() -> None:
+            err = self._failed
+            if err is None:
+                t0 = time.perf_counter()
+                try:
+                    self._commit()
+                except Exception as exc:
+                    err = exc
+                self.busy_s += time.perf_counter() - t0
+            on_done(err, self.bytes_written)
+
+        self._executor.submit(done)
+
+
+class KVTransport(ABC):
+    name: str
+
+    @abstractmethod
+    def receiver_handle(self) -> str:
+        """What a sender needs (in ``KVAddress.handle``) to write into this engine."""
+
+    @abstractmethod
+    def open_writer(self, addr: KVAddress, src: KVStorage) -> KVWriter:
+        """A writer from our pool ``src`` into the receiver described by ``addr``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass

@@ -1,0 +1,48 @@
+"""Turning a GenerateRequest into prompt token ids: the chat template for ``messages``, the tokenizer for ``prompt``,
+a range check for ``prompt_token_ids``. Used by routers (which tokenize once for the whole cluster) and by engines
+on the direct data-parallel path. Errors name the field at fault.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from busserve.errors import BusserveError
+from busserve.messages import ErrorCode, GenerateRequest
+
+
+class RequestRejected(BusserveError):
+    def __init__(self, code: ErrorCode, message: str, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.code = code
+
+
+def load_tokenizer(source: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source))
+
+
+def prompt_token_ids(tokenizer: Any, req: GenerateRequest) -> list[int]:
+    if req.prompt_token_ids is not None:
+        vocab = len(tokenizer)
+        for i, t in enumerate(req.prompt_token_ids):
+            if t >= vocab:
+                raise RequestRejected("invalid_request", f"token id {t} is outside the vocabulary (size {vocab})",
+                                      field=f"prompt_token_ids[{i}]")
+        return list(req.prompt_token_ids)
+    if req.messages is not None:
+        if tokenizer.chat_template is None:
+            raise RequestRejected("invalid_request", "this model has no chat template; send prompt instead",
+                                  field="messages")
+        turns = [{"role": m.role, "content": m.content} for m in req.messages]
+        try:
+            text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # templates raise on unsupported role orders etc.
+            raise RequestRejected("invalid_request", f"chat template refused the messages: {exc}",
+                                  field="messages") from exc
+        # The template already spells the special tokens.
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert req.prompt is not None
+    return list(tokenizer(req.prompt)["input_ids"])

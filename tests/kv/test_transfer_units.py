@@ -1,0 +1,101 @@
+"""Transfer building blocks without processes: page spans, block merging, shm writes between two pools."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from busserve.kv.storage import KVLayout, KVStorage, page_spans
+from busserve.kv.transfer.base import TransferError, block_copies, spans_to
+from busserve.kv.transfer.shm import ShmTransport
+from busserve.messages import KVAddress
+
+LAYOUT = KVLayout(num_layers=3, num_pages=32, page_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+
+
+def _addr(pages: list[int], start: int, end: int, handle: str = "", expires_at: float = 0.0) -> KVAddress:
+    return KVAddress(engine_id="R", request_id="r", transport="shm", start=start, end=end, pages=pages,
+                     page_size=4, num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", handle=handle,
+                     pool_pages=32, expires_at=expires_at)
+
+
+def test_page_spans_cut_at_page_boundaries() -> None:
+    assert list(page_spans(2, 11, 4)) == [(2, 2, 4), (4, 0, 4), (8, 0, 3)]
+    assert list(page_spans(5, 5, 4)) == []
+
+
+def test_block_copies_merge_consecutive_whole_pages() -> None:
+    addr = _addr([10, 11, 12, 20], start=0, end=15)
+    spans = spans_to(addr, [0, 1, 2, 3], 1, 15)
+    assert block_copies(spans, 4) == [(0, 10, 1, 1, 4), (1, 11, 2, 0, 4), (3, 20, 1, 0, 3)]
+
+
+def test_spans_refuse_positions_outside_the_reservation() -> None:
+    with pytest.raises(TransferError):
+        list(spans_to(_addr([1, 2], start=4, end=12), [0, 1, 2], 0, 12))
+
+
+@pytest.mark.parametrize(("begin", "end"), [(0, 13), (4, 16), (5, 6)])
+def test_shm_writer_lands_exactly_the_range(begin: int, end: int, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src = KVStorage(LAYOUT, shm_name=f"busserve-kv-S-{begin}{end}")
+    dst = KVStorage(LAYOUT, shm_name=f"busserve-kv-R-{begin}{end}")
+    try:
+        src.data.copy_(torch.randn(LAYOUT.shape))
+        before = dst.data.clone()
+        src_pages = [7, 3, 9, 1]  # a scrambled page table
+        dst_start = begin - begin % 4
+        dst_pages = [20, 21, 5, 6][: -(-(end - dst_start) // 4)]
+        addr = _addr(dst_pages, dst_start, end, handle=dst.shm_name or "")
+        with ThreadPoolExecutor(1) as ex:
+            writer = ShmTransport(src, ex).open_writer(addr, src)
+            for layer in range(3):
+                writer.write(layer, src_pages, begin, end)
+            done = threading.Event()
+            result: list[object] = []
+            writer.finish(lambda err, n: (result.append((err, n)), done.set()))
+            assert done.wait(10)
+        assert result[0] == (None, 3 * 2 * (end - begin) * 2 * 8 * 4)
+        for layer in range(3):
+            for p in range(0, 16):
+                sk = src.data[layer, :, src_pages[p // 4], p % 4]
+                if begin <= p < end:
+                    dk = dst.data[layer, :, dst_pages[(p - dst_start) // 4], p % 4]
+                    assert torch.equal(dk, sk)
+        # nothing outside the range changed
+        written = torch.zeros(LAYOUT.shape, dtype=torch.bool)
+        for p in range(begin, end):
+            written[:, :, dst_pages[(p - dst_start) // 4], p % 4] = True
+        assert torch.equal(dst.data[~written], before[~written])
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_writer_refuses_after_the_lease(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src = KVStorage(LAYOUT, shm_name="busserve-kv-S-lease")
+    dst = KVStorage(LAYOUT, shm_name="busserve-kv-R-lease")
+    try:
+        addr = _addr([1, 2], 0, 8, handle=dst.shm_name or "", expires_at=1.0)  # long past
+        with ThreadPoolExecutor(1) as ex:
+            writer = ShmTransport(src, ex).open_writer(addr, src)
+            writer.write(0, [3, 4], 0, 8)
+            done = threading.Event()
+            result: list[object] = []
+            writer.finish(lambda err, n: (result.append(err), done.set()))
+            assert done.wait(10)
+        assert isinstance(result[0], TransferError) and "lease" in str(result[0])
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_shm_to_another_host_is_refused() -> None:
+    src = KVStorage(LAYOUT, shm_name="busserve-kv-S-host")
+    try:
+        with ThreadPoolExecutor(1) as ex, pytest.raises(TransferError, match="not on this host"):
+            ShmTransport(src, ex).open_writer(_addr([1], 0, 4, handle="busserve-kv-R-elsewhere"), src)
+    finally:
+        src.close()
