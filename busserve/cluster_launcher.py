@@ -24,7 +24,7 @@ from collections.abc import Callable
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig, clear_up_state, write_up_state
 from busserve.bus.embedded import EmbeddedNats, _die_with_parent
-from busserve.messages import EngineStatus
+from busserve.messages import EngineStatus, RouterStatus
 from busserve.up import StopFlag
 
 ENGINE_READY_TIMEOUT_S = 600.0  # a first start converts the default model (~20 s here); a big model takes longer
@@ -84,24 +84,33 @@ def router_command(args: argparse.Namespace, url: str) -> list[str]:
 
 
 async def wait_for_engines(config: BusConfig, ids: set[str], timeout_s: float,
-                           alive: Callable[[], bool]) -> dict[str, EngineStatus]:
+                           alive: Callable[[], bool], routers: int = 0) -> dict[str, EngineStatus]:
+    """Wait until every engine in ``ids`` (and ``routers`` routers) heartbeat; fail early if a child dies."""
     from busserve.bus import codec
 
     bus = await Bus.connect(config, name="busserve-up")
     seen: dict[str, EngineStatus] = {}
+    routers_seen: set[str] = set()
     try:
         sub = await bus.nc.subscribe(bus.subjects.engines_status())
+        rsub = await bus.nc.subscribe(bus.subjects.routers_status())
         deadline = time.monotonic() + timeout_s
-        while not ids <= set(seen):
+        while not (ids <= set(seen) and len(routers_seen) >= routers):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"engines {sorted(ids - set(seen))} did not come up within {timeout_s:.0f}s")
+                missing = sorted(ids - set(seen)) + (["router"] if len(routers_seen) < routers else [])
+                raise TimeoutError(f"{', '.join(missing)} did not come up within {timeout_s:.0f}s")
             if not alive():
                 raise RuntimeError("a child process exited during start-up")
-            with contextlib.suppress(Exception):
-                msg = await sub.next_msg(timeout=0.5)
-                st = codec.decode(msg.data, EngineStatus, msg.headers)
-                seen[st.engine_id] = st
+            for s, handle in ((sub, "engine"), (rsub, "router")):
+                with contextlib.suppress(Exception):
+                    msg = await s.next_msg(timeout=0.25)
+                    if handle == "engine":
+                        st = codec.decode(msg.data, EngineStatus, msg.headers)
+                        seen[st.engine_id] = st
+                    else:
+                        routers_seen.add(codec.decode(msg.data, RouterStatus, msg.headers).router_id)
         await sub.unsubscribe()
+        await rsub.unsubscribe()
     finally:
         await bus.close()
     return seen
@@ -128,22 +137,19 @@ def launch_cluster(args: argparse.Namespace) -> int:
             proc = subprocess.Popen(cmd, preexec_fn=_preexec(shares[i]), start_new_session=True)
             children.append((eid, proc))
             print(f"engine {eid}: pid {proc.pid}, cores {shares[i]}, roles {role}", flush=True)
+        router = subprocess.Popen(router_command(args, url), preexec_fn=_preexec(None), start_new_session=True)
+        children.append(("router", router))
         config = BusConfig.from_env(servers=[url])
         for name in ("user", "password", "token"):
             val = getattr(args, f"nats_{name}", None)
             if val:
                 setattr(config, name, val)
         statuses = asyncio.run(wait_for_engines(
-            config, {eid for eid, _ in children}, ENGINE_READY_TIMEOUT_S,
-            alive=lambda: all(p.poll() is None for _, p in children),
+            config, {eid for eid, _ in children if eid != "router"}, ENGINE_READY_TIMEOUT_S,
+            alive=lambda: all(p.poll() is None for _, p in children), routers=1,
         ))
         model = next(iter(statuses.values())).model
-        http = ""
-        if _router_available():
-            router = subprocess.Popen(router_command(args, url), preexec_fn=_preexec(None), start_new_session=True)
-            children.append(("router", router))
-            if args.http_port:
-                http = f"http://{args.http_host}:{args.http_port}/v1"
+        http = f"http://{args.http_host}:{args.http_port}/v1" if args.http_port else ""
         write_up_state({"pid": os.getpid(), "nats_url": url, "http_url": http, "model": model,
                         "started_at": time.time()})
         print(f"ready: {len(statuses)} engine(s) serving {model}" + (f"; OpenAI API at {http}" if http else ""),
@@ -172,10 +178,3 @@ def launch_cluster(args: argparse.Namespace) -> int:
             server.stop()
         print("stopped", flush=True)
 
-
-def _router_available() -> bool:
-    try:
-        import busserve.router.main  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -1,0 +1,364 @@
+"""The OpenAI-compatible HTTP front: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``.
+
+It is one more bus client: each HTTP request becomes a GenerateRequest on the generate subject and its stream is
+read back — no shortcut into the router. Streaming responses are Server-Sent Events in OpenAI's chunk format,
+with a usage chunk when ``stream_options.include_usage`` is set; a client that disconnects cancels its request.
+Errors are OpenAI-shaped JSON with the status code their cause deserves (400, 404, 429, 503, 504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from nats.aio.msg import Msg
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from busserve.bus import codec
+from busserve.bus.client import Bus
+from busserve.errors import BusserveError, MalformedMessage
+from busserve.messages import (
+    ChatMessage,
+    EngineStatus,
+    Error,
+    Final,
+    GenerateRequest,
+    RouterStatus,
+    SamplingParams,
+    StreamEvent,
+    StreamOptions,
+    TokenChunk,
+)
+
+HTTP_STATUS = {
+    "invalid_request": 400, "malformed": 400, "payload_too_large": 413, "prompt_too_long": 400, "conflict": 409,
+    "unknown_model": 404, "unknown_request": 404, "no_engine": 503, "overloaded": 429, "timeout": 504,
+}
+ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error",
+              413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+STALE_S = 3.5  # a heartbeat older than this is a process gone
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def error_response(code: str, message: str, param: str | None = None) -> JSONResponse:
+    status = HTTP_STATUS.get(code, 500)
+    body = {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param,
+                      "code": "model_not_found" if code == "unknown_model" else code}}
+    return JSONResponse(body, status_code=status)
+
+
+# ------------------------------------------------------------------ request translation
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float, default: float | None) -> float | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{name} must be a number", name)
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name} must be between {lo} and {hi}, got {value}", name)
+    return float(value)
+
+
+def _int(body: dict[str, Any], name: str, lo: int, default: int | None) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name} must be an integer", name)
+    if value < lo:
+        raise BadRequest(f"{name} must be at least {lo}, got {value}", name)
+    return value
+
+
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "functions": (None, []),
+               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+               "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "n": (None, 1)}
+
+
+def sampling_from(body: dict[str, Any]) -> SamplingParams:
+    for name, allowed in UNSUPPORTED.items():
+        if name in body and body[name] not in allowed:
+            raise BadRequest(f"{name}={body[name]!r} is not supported by busserve", name)
+    max_tokens = _int(body, "max_completion_tokens", 1, None) or _int(body, "max_tokens", 1, None) or 1024
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = stop
+    else:
+        raise BadRequest("stop must be a string or a list of strings", "stop")
+    if len(stops) > 16 or any(not s for s in stops):
+        raise BadRequest("stop takes at most 16 non-empty strings", "stop")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise BadRequest("ignore_eos must be a boolean", "ignore_eos")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0.0, 2.0, 1.0),  # type: ignore[arg-type]
+        top_p=_number(body, "top_p", 1e-9, 1.0, 1.0),  # type: ignore[arg-type]
+        top_k=_int(body, "top_k", -1, 0),  # type: ignore[arg-type]
+        min_p=_number(body, "min_p", 0.0, 1.0, 0.0),  # type: ignore[arg-type]
+        seed=_int(body, "seed", 0, None),
+        stop=stops,
+        stop_token_ids=list(body.get("stop_token_ids") or []),
+        ignore_eos=ignore_eos,
+    )
+
+
+def _text_content(content: Any, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest("only text content parts are supported", f"messages[{i}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise BadRequest("content must be a string or a list of text parts", f"messages[{i}].content")
+
+
+def chat_request(body: dict[str, Any]) -> GenerateRequest:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list", "messages")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
+            raise BadRequest("each message needs a role: system, user, assistant, tool or developer",
+                             f"messages[{i}].role")
+        turns.append(ChatMessage(role=m["role"], content=_text_content(m.get("content", ""), i)))
+    return _generate(body, messages=turns)
+
+
+def completion_request(body: dict[str, Any]) -> GenerateRequest:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return _generate(body, prompt=prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return _generate(body, prompt_token_ids=prompt)
+    raise BadRequest("prompt must be a non-empty string or a list of token ids (one prompt per request)", "prompt")
+
+
+def _generate(body: dict[str, Any], **prompt: Any) -> GenerateRequest:
+    model = body.get("model", "")
+    if not isinstance(model, str):
+        raise BadRequest("model must be a string", "model")
+    opts = body.get("stream_options") or {}
+    include_usage = bool(opts.get("include_usage", False)) if body.get("stream") else True
+    return GenerateRequest(request_id=uuid.uuid4().hex, model=model, sampling=sampling_from(body),
+                           stream=StreamOptions(include_usage=include_usage), **prompt)
+
+
+# ------------------------------------------------------------------ the app
+
+
+class Front:
+    def __init__(self, bus: Bus, first_event_timeout_s: float = 600.0) -> None:
+        self.bus = bus
+        self.first_event_timeout_s = first_event_timeout_s
+        self.engines: dict[str, tuple[float, EngineStatus]] = {}
+        self.routers: dict[str, tuple[float, RouterStatus]] = {}
+        self.observers: list[Any] = []
+
+    async def start(self) -> None:
+        await self.bus.subscribe(self.bus.subjects.engines_status(), self._on_engine)
+        await self.bus.subscribe(self.bus.subjects.routers_status(), self._on_router)
+
+    async def _on_engine(self, msg: Msg) -> None:
+        with contextlib.suppress(MalformedMessage):
+            st = codec.decode(msg.data, EngineStatus, msg.headers)
+            self.engines[st.engine_id] = (time.monotonic(), st)
+
+    async def _on_router(self, msg: Msg) -> None:
+        with contextlib.suppress(MalformedMessage):
+            st = codec.decode(msg.data, RouterStatus, msg.headers)
+            self.routers[st.router_id] = (time.monotonic(), st)
+
+    def live_engines(self) -> list[EngineStatus]:
+        now = time.monotonic()
+        return [st for seen, st in self.engines.values() if now - seen < STALE_S]
+
+    def live_routers(self) -> list[RouterStatus]:
+        now = time.monotonic()
+        return [st for seen, st in self.routers.values() if now - seen < STALE_S]
+
+    # -------------------------------------------------------------- endpoints
+
+    async def health(self, request: Request) -> JSONResponse:
+        engines, routers = self.live_engines(), self.live_routers()
+        ok = bool(engines) and bool(routers)
+        body = {"status": "ok" if ok else "unavailable", "engines": len(engines), "routers": len(routers),
+                "strategy": routers[0].strategy if routers else None}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    async def models(self, request: Request) -> JSONResponse:
+        names = sorted({st.model for st in self.live_engines()})
+        return JSONResponse({"object": "list", "data": [
+            {"id": n, "object": "model", "created": 0, "owned_by": "busserve"} for n in names]})
+
+    async def chat(self, request: Request) -> Response:
+        return await self._complete(request, chat_request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._complete(request, completion_request, chat=False)
+
+    async def _complete(self, request: Request, build: Any, chat: bool) -> Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error_response("invalid_request", "the body is not valid JSON")
+        if not isinstance(body, dict):
+            return error_response("invalid_request", "the body must be a JSON object")
+        try:
+            gen = build(body)
+        except BadRequest as exc:
+            return error_response("invalid_request", str(exc), exc.param)
+        stream = self.bus.generate(gen, first_event_timeout_s=self.first_event_timeout_s)
+        try:
+            first = await anext(stream)
+        except (BusserveError, StopAsyncIteration) as exc:
+            await stream.aclose()
+            code = exc.code if isinstance(exc, BusserveError) else "internal"
+            return error_response(code, str(exc) or "no response")
+        if isinstance(first, Error):
+            await stream.aclose()
+            return error_response(first.code, first.message, first.field)
+        model = body.get("model") or next((st.model for st in self.live_engines()), "")
+        meta = {"id": ("chatcmpl-" if chat else "cmpl-") + (gen.request_id or ""), "created": int(time.time()),
+                "model": model}
+        if body.get("stream"):
+            return StreamingResponse(self._sse(first, stream, meta, chat, gen.stream.include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await self._whole(first, stream, meta, chat)
+
+    async def _whole(self, first: StreamEvent, stream: AsyncIterator[StreamEvent], meta: dict[str, Any],
+                     chat: bool) -> Response:
+        text: list[str] = []
+        final: Final | None = None
+        try:
+            event: StreamEvent | None = first
+            while event is not None:
+                if isinstance(event, TokenChunk):
+                    text.append(event.text)
+                elif isinstance(event, Final):
+                    final = event
+                elif isinstance(event, Error):
+                    return error_response(event.code, event.message, event.field)
+                event = await anext(stream, None)
+        except BusserveError as exc:
+            return error_response(exc.code, str(exc))
+        finally:
+            await stream.aclose()
+        assert final is not None
+        content = "".join(text)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(final), "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": content}
+        else:
+            choice["text"] = content
+        return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion",
+                             "choices": [choice], "usage": _usage(final)})
+
+    async def _sse(self, first: StreamEvent, stream: AsyncIterator[StreamEvent], meta: dict[str, Any], chat: bool,
+                   include_usage: bool) -> AsyncIterator[bytes]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta_text: str | None, finish: str | None, role: bool = False) -> bytes:
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant"} if role else {}
+                if delta_text is not None:
+                    delta["content"] = delta_text
+                choice["delta"] = delta
+            else:
+                choice["text"] = delta_text or ""
+            return _event({**meta, "object": kind, "choices": [choice]})
+
+        try:
+            if chat:
+                yield chunk("", None, role=True)
+            event: StreamEvent | None = first
+            while event is not None:
+                if isinstance(event, TokenChunk):
+                    if event.text:
+                        yield chunk(event.text, None)
+                elif isinstance(event, Final):
+                    yield chunk(None if chat else "", _finish(event))
+                    if include_usage:
+                        yield _event({**meta, "object": kind, "choices": [], "usage": _usage(event)})
+                elif isinstance(event, Error):
+                    yield _event({"error": {"message": event.message, "code": event.code, "param": event.field,
+                                            "type": ERROR_TYPE.get(HTTP_STATUS.get(event.code, 500),
+                                                                   "server_error")}})
+                event = await anext(stream, None)
+        except BusserveError as exc:
+            yield _event({"error": {"message": str(exc), "code": exc.code, "type": "server_error"}})
+        finally:
+            # Closing the stream cancels the request if it is still running (client went away).
+            await stream.aclose()
+        yield b"data: [DONE]\n\n"
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _finish(final: Final) -> str:
+    return "length" if final.finish_reason == "length" else "stop"
+
+
+def _usage(final: Final) -> dict[str, Any]:
+    u = final.usage
+    if u is None:
+        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+def create_app(front: Front) -> Starlette:
+    routes = [
+        Route("/health", front.health, methods=["GET"]),
+        Route("/v1/models", front.models, methods=["GET"]),
+        Route("/v1/chat/completions", front.chat, methods=["POST"]),
+        Route("/v1/completions", front.completions, methods=["POST"]),
+    ]
+    return Starlette(routes=routes)
+
+
+async def serve_http(front: Front, host: str, port: int, extra_routes: list[Route] | None = None) -> Any:
+    """Run the app on uvicorn inside the current event loop; returns the uvicorn Server (call ``should_exit``)."""
+    import uvicorn
+
+    app = create_app(front)
+    for r in extra_routes or []:
+        app.router.routes.append(r)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(), name="http-front")
+    while not server.started:
+        if task.done():
+            task.result()  # raises the bind error
+            raise RuntimeError("HTTP front stopped during start-up")
+        await asyncio.sleep(0.02)
+    server.task = task  # type: ignore[attr-defined]
+    return server

@@ -1,0 +1,335 @@
+"""The router with real processes: two engines (tiny model), a router with its HTTP front, strategy processes.
+
+Every built-in strategy gives the greedy output of one engine; strategies switch live (also under load, with no
+failed request); a strategy written in a test file serves requests from its own process; engine roles change at
+run time; a request with no engine gets a prompt error; a cancel frees pages on every engine involved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from busserve.bus import codec
+from busserve.bus.client import Bus
+from busserve.bus.embedded import free_port
+from busserve.engine.model_loader import LoadedModel
+from busserve.messages import (
+    Cancel,
+    Error,
+    Final,
+    GenerateRequest,
+    RouterStatus,
+    SamplingParams,
+    SetStrategy,
+    StrategyState,
+    TokenChunk,
+)
+from busserve.testing import ProcessCluster
+from tests.helpers import assert_greedy_equal, live_view, wait_idle_no_leaks
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_dir: Path) -> Iterator[tuple[ProcessCluster, int]]:
+    port = free_port()
+    with ProcessCluster() as c:
+        for eid in ("A", "B"):
+            c.start_engine(eid, "--model", str(tiny_dir), "--dtype", "float32", "--kv-pages", "256",
+                           "--max-batch-tokens", "64", threads=1)
+        c.start("router", "router", "--nats", c.url, "--id", "r0", "--tokenizer", str(tiny_dir),
+                "--http-port", str(port))
+        c.wait_engines({"A", "B"})
+        yield c, port
+
+
+def _prompt(tiny: LoadedModel, n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(100, len(tiny.tokenizer)) for _ in range(n)]
+
+
+async def _tokens(bus: Bus, prompt: list[int], subject: str | None = None, n: int = 10) -> tuple[list[int], Final]:
+    req = GenerateRequest(prompt_token_ids=prompt, sampling=SamplingParams(max_tokens=n, temperature=0,
+                                                                           ignore_eos=True))
+    events = [e async for e in bus.generate(req, subject=subject, first_event_timeout_s=60)]
+    assert isinstance(events[-1], Final), events[-1]
+    assert sum(isinstance(e, (Final, Error)) for e in events) == 1
+    return [t for e in events if isinstance(e, TokenChunk) for t in e.token_ids], events[-1]
+
+
+async def _set(bus: Bus, name: str, **params: object) -> StrategyState:
+    return await bus.request(bus.subjects.control_strategy(), SetStrategy(name=name, params=params),  # type: ignore[arg-type]
+                             StrategyState, timeout_s=10)
+
+
+async def _connect(c: ProcessCluster) -> Bus:
+    bus = await Bus.connect(c.bus_config(), name="t")
+    await live_view(bus, {"A", "B"})
+    await _wait_router(bus)
+    return bus
+
+
+async def _wait_router(bus: Bus, router_id: str = "r0", strategy: str | None = None) -> RouterStatus:
+    sub = await bus.nc.subscribe(bus.subjects.routers_status())
+    try:
+        for _ in range(200):
+            st = codec.decode((await sub.next_msg(timeout=30)).data, RouterStatus)
+            if st.router_id == router_id and (strategy is None or st.strategy == strategy):
+                return st
+        raise AssertionError(f"router {router_id} never reported strategy {strategy}")
+    finally:
+        await sub.unsubscribe()
+
+
+STRATEGIES = [("least_loaded", {}), ("round_robin", {}), ("pd", {}), ("balanced_pd", {"f": 0.1}),
+              ("balanced_pd", {"f": 0.5}), ("prefix_aware", {}), ("migrate", {"busy": 0, "min_prefix": 16}),
+              ("adaptive", {"long_prompt": 16})]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("name", "params"), STRATEGIES, ids=[f"{n}{p}" for n, p in STRATEGIES])
+async def test_every_strategy_matches_one_engine(cluster: tuple[ProcessCluster, int], tiny: LoadedModel, name: str,
+                                                 params: dict[str, object]) -> None:
+    c, _ = cluster
+    bus = await _connect(c)
+    try:
+        state = await _set(bus, name, **params)
+        assert state.name == name and state.revision > 0
+        prompt = _prompt(tiny, 70, seed=hash((name, str(params))) % 1000)
+        want, _ = await _tokens(bus, prompt, subject=bus.subjects.engine_action("A", "generate"))
+        await asyncio.sleep(0.2)
+        for _ in range(2):  # cold, then with the prompt cached somewhere
+            got, final = await _tokens(bus, prompt)
+            assert_greedy_equal(tiny, prompt, got, want)
+            assert final.engine_id in {"A", "B"}
+        await wait_idle_no_leaks(bus, {"A", "B"})
+    finally:
+        await bus.close()
+
+
+@pytest.mark.asyncio
+async def test_the_http_front_serves_every_strategy(cluster: tuple[ProcessCluster, int], tiny: LoadedModel) -> None:
+    import openai
+
+    c, port = cluster
+    bus = await _connect(c)
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+    try:
+        prompt = _prompt(tiny, 40, seed=5)
+        want, _ = await _tokens(bus, prompt, subject=bus.subjects.engine_action("A", "generate"), n=8)
+        want_text = tiny.tokenizer.decode(want, skip_special_tokens=True)
+        for name in ("least_loaded", "pd", "balanced_pd"):
+            await _set(bus, name)
+            out = await client.completions.create(model="", prompt=prompt, max_tokens=8, temperature=0,
+                                                  extra_body={"ignore_eos": True})
+            assert out.choices[0].text == want_text and out.usage.completion_tokens == 8
+    finally:
+        await client.close()
+        await bus.close()
+
+
+@pytest.mark.asyncio
+async def test_switching_strategies_under_load_fails_nothing(cluster: tuple[ProcessCluster, int],
+                                                              tiny: LoadedModel) -> None:
+    c, _ = cluster
+    bus = await _connect(c)
+    stop = asyncio.Event()
+
+    async def switcher() -> int:
+        n = 0
+        while not stop.is_set():
+            name, params = STRATEGIES[n % len(STRATEGIES)]
+            await _set(bus, name, **params)
+            n += 1
+            await asyncio.sleep(0.05)
+        return n
+
+    async def one(i: int) -> Final:
+        await asyncio.sleep(random.Random(i).random() * 2)
+        return (await _tokens(bus, _prompt(tiny, 20 + i % 50, seed=1000 + i), n=6))[1]
+
+    try:
+        switching = asyncio.create_task(switcher())
+        finals = await asyncio.gather(*(one(i) for i in range(48)))
+        stop.set()
+        switches = await switching
+        assert switches > 10
+        assert all(f.finish_reason == "length" for f in finals)
+        await wait_idle_no_leaks(bus, {"A", "B"})
+    finally:
+        stop.set()
+        await bus.close()
+
+
+@pytest.mark.asyncio
+async def test_cancel_frees_pages_on_every_engine_involved(cluster: tuple[ProcessCluster, int],
+                                                            tiny: LoadedModel) -> None:
+    c, _ = cluster
+    bus = await _connect(c)
+    try:
+        await _set(bus, "pd")
+        req = GenerateRequest(request_id="cancel-me", prompt_token_ids=_prompt(tiny, 120, seed=77),
+                              sampling=SamplingParams(max_tokens=2000, ignore_eos=True, temperature=0))
+        events = []
+        async for event in bus.generate(req, first_event_timeout_s=60):
+            events.append(event)
+            if len(events) == 3:
+                await bus.publish(bus.subjects.cancel(), Cancel(request_id="cancel-me"))
+        assert isinstance(events[-1], Final) and events[-1].finish_reason == "cancelled"
+        assert sum(isinstance(e, (Final, Error)) for e in events) == 1
+        await wait_idle_no_leaks(bus, {"A", "B"})
+    finally:
+        await bus.close()
+
+
+@pytest.mark.asyncio
+async def test_cancel_while_the_strategy_runs(cluster: tuple[ProcessCluster, int], tiny: LoadedModel) -> None:
+    """A cancel that lands during prefill-side work still ends the request once and leaks nothing."""
+    c, _ = cluster
+    bus = await _connect(c)
+    try:
+        await _set(bus, "pd")
+        for i in range(6):
+            rid = f"early-cancel-{i}"
+            req = GenerateRequest(request_id=rid, prompt_token_ids=_prompt(tiny, 600, seed=900 + i),
+                                  sampling=SamplingParams(max_tokens=50, temperature=0))
+            async with bus.open_stream() as stream:
+                await bus.publish(bus.subjects.generate(), req, reply=stream.subject)
+                await asyncio.sleep(0.01 * i)
+                await bus.publish(bus.subjects.cancel(), Cancel(request_id=rid))
+                events = [e async for e in stream.events(first_event_timeout_s=30)]
+            terminals = [e for e in events if isinstance(e, (Final, Error))]
+            assert len(terminals) == 1, events
+            assert isinstance(terminals[0], Final) and terminals[0].finish_reason in {"cancelled", "stop", "length"}
+        await wait_idle_no_leaks(bus, {"A", "B"})
+    finally:
+        await bus.close()
+
+
+@pytest.mark.asyncio
+async def test_a_strategy_process_serves_when_active(cluster: tuple[ProcessCluster, int], tiny: LoadedModel) -> None:
+    c, _ = cluster
+    proc = c.start("strategy-custom", "strategy", "serve", "tests.router.custom_strategy:pinned", "--name", "custom",
+                   "--nats", c.url)
+    bus = await _connect(c)
+    try:
+        for _ in range(100):  # wait until the process listens
+            try:
+                await _set(bus, "custom", target="B")
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        for i in range(4):
+            _, final = await _tokens(bus, _prompt(tiny, 30, seed=i))
+            assert final.engine_id == "B"
+        await _set(bus, "custom", target="A")
+        _, final = await _tokens(bus, _prompt(tiny, 30, seed=9))
+        assert final.engine_id == "A"
+        await _set(bus, "least_loaded")
+    finally:
+        c.kill("strategy-custom", sig=15)
+        await bus.close()
+    assert proc.returncode is not None
+
+
+@pytest.mark.asyncio
+async def test_unknown_strategy_is_refused(cluster: tuple[ProcessCluster, int]) -> None:
+    c, _ = cluster
+    bus = await _connect(c)
+    try:
+        with pytest.raises(Exception, match="unknown strategy"):
+            await _set(bus, "warp_drive")
+        with pytest.raises(Exception, match="no parameter"):
+            await _set(bus, "pd", f=0.3)
+    finally:
+        await bus.close()
+
+
+@pytest.mark.asyncio
+async def test_roles_change_at_run_time_and_pd_follows(cluster: tuple[ProcessCluster, int],
+                                                        tiny: LoadedModel) -> None:
+    c, _ = cluster
+    bus = await _connect(c)
+
+    def cli(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "busserve.cli", "strategy", *args, "--nats", c.url],
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    try:
+        assert "decode" in cli("roles", "B", "decode")
+        cli("roles", "A", "prefill")
+        cli("set", "pd")
+        view = await live_view(bus, {"A", "B"})
+        for _ in range(40):
+            if view.get("A").roles == ["prefill"] and view.get("B").roles == ["decode"]:
+                break
+            await asyncio.sleep(0.1)
+        for i in range(3):
+            _, final = await _tokens(bus, _prompt(tiny, 50, seed=40 + i))
+            assert final.engine_id == "B"  # the only decode engine
+        assert "pd" in cli("show")
+    finally:
+        cli("roles", "A", "prefill,decode")
+        cli("roles", "B", "prefill,decode")
+        await bus.close()
+
+
+@pytest.mark.asyncio
+async def test_a_second_router_agrees_on_the_strategy(cluster: tuple[ProcessCluster, int], tiny_dir: Path) -> None:
+    c, _ = cluster
+    c.start("router2", "router", "--nats", c.url, "--id", "r1", "--tokenizer", str(tiny_dir))
+    bus = await _connect(c)
+    try:
+        await _wait_router(bus, "r1")
+        await _set(bus, "balanced_pd", f=0.3)
+        st = await _wait_router(bus, "r1", strategy="balanced_pd")
+        assert st.params == {"f": 0.3}
+    finally:
+        c.kill("router2", sig=15)
+        await bus.close()
+
+
+@pytest.mark.asyncio
+async def test_no_engine_means_a_prompt_error(tiny_dir: Path) -> None:
+    with ProcessCluster() as c:
+        c.start("router", "router", "--nats", c.url, "--id", "lonely", "--tokenizer", str(tiny_dir))
+        bus = await Bus.connect(c.bus_config(), name="t")
+        try:
+            await _wait_router(bus, "lonely")
+            events = [e async for e in bus.generate(GenerateRequest(prompt="anyone?"), first_event_timeout_s=5)]
+            assert len(events) == 1 and isinstance(events[0], Error) and events[0].code == "no_engine"
+        finally:
+            await bus.close()
+
+
+@pytest.mark.asyncio
+async def test_node_client_speaks_json_over_nats(cluster: tuple[ProcessCluster, int]) -> None:
+    """'Any service, in any language': a Node.js client with the nats npm package and no busserve code."""
+    import json
+    import shutil
+
+    js = REPO / "tests" / "js"
+    if shutil.which("node") is None or not (js / "node_modules" / "nats").exists():
+        pytest.skip("node or the nats npm package is missing (scripts/setup.sh installs it)")
+    c, _ = cluster
+    bus = await _connect(c)
+    try:
+        await _set(bus, "pd")
+        out = await asyncio.create_subprocess_exec("node", str(js / "client.mjs"), c.url, "Say hello", "12",
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout, stderr = await asyncio.wait_for(out.communicate(), timeout=120)
+        assert out.returncode == 0, stderr.decode()
+        result = json.loads(stdout)
+        assert result["terminal"]["type"] == "final" and result["terminal"]["usage"]["completion_tokens"] >= 1
+    finally:
+        await bus.close()

@@ -1,0 +1,75 @@
+"""The strategy API without processes: registry, parameters, loading user strategies, engine choice."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from busserve.kv.page_hash import prefix_page_hashes
+from busserve.messages import EngineStatus, KVEventBatch, KVStored, SamplingParams
+from busserve.router.cluster import ClusterView
+from busserve.router.request import Request
+from busserve.router.strategy import BUILTINS, Cluster, NoEngine, coerce_params, load_strategy, parse_param_args
+
+HERE = Path(__file__).parent
+
+
+def test_every_built_in_is_registered() -> None:
+    load_strategy("least_loaded")
+    assert {"least_loaded", "round_robin", "pd", "balanced_pd", "prefix_aware", "migrate", "adaptive"} <= set(BUILTINS)
+
+
+def test_params_are_typed_by_the_signature() -> None:
+    fn = load_strategy("balanced_pd")
+    assert coerce_params(fn, parse_param_args(["f=0.3"])) == {"f": 0.3}
+    with pytest.raises(ValueError, match="no parameter g"):
+        coerce_params(fn, {"g": 1})
+    with pytest.raises(ValueError, match="must be float"):
+        coerce_params(fn, {"f": "lots"})
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parse_param_args(["f"])
+
+
+def test_user_strategies_load_from_a_module_or_a_file() -> None:
+    by_module = load_strategy("tests.router.custom_strategy:pinned")
+    by_file = load_strategy(f"{HERE / 'custom_strategy.py'}:pinned")
+    assert by_module.__name__ == by_file.__name__ == "pinned"
+    assert coerce_params(by_module, {"target": "A"}) == {"target": "A"}
+    with pytest.raises(ValueError, match="unknown strategy"):
+        load_strategy("no_such_strategy")
+    with pytest.raises(ValueError, match="not an async function"):
+        load_strategy("tests.router.custom_strategy:Request")
+
+
+def _status(eid: str, load: int, roles: list[str] | None = None) -> EngineStatus:
+    return EngineStatus(engine_id=eid, model="m", roles=roles or ["prefill", "decode"], running=load, waiting=0,
+                        parked=0, free_pages=100, total_pages=100, page_size=4, max_model_len=1024,
+                        transports=["shm", "bus"], host="h", pid=1, seq=1)
+
+
+def _req(tokens: list[int]) -> Request:
+    return Request(request_id="r", prompt_token_ids=tokens, sampling=SamplingParams(), stream_subject="s")
+
+
+def test_cluster_picks_by_role_load_and_cached_prefix() -> None:
+    view = ClusterView(bus=None)  # type: ignore[arg-type]  # fed by hand: no bus needed
+    for eid, load, roles in (("a", 3, ["prefill"]), ("b", 1, ["decode"]), ("c", 0, ["prefill", "decode"])):
+        view.on_status(_status(eid, load, roles))
+    cluster = Cluster(view)
+    assert cluster.least_loaded().id == "c"
+    assert cluster.least_loaded(role="prefill", exclude=[cluster.least_loaded()]).id == "a"
+    with pytest.raises(NoEngine):
+        cluster.least_loaded(role="decode", exclude=view.engines())
+    tokens = list(range(40))
+    view.on_kv_events(KVEventBatch(engine_id="b", seq=1, events=[KVStored(page_hashes=prefix_page_hashes(tokens, 4)[:6])]))
+    engine, cached = cluster.longest_prefix(_req(tokens))
+    assert engine is not None and engine.id == "b" and cached == 24
+
+
+def test_engines_that_stop_heartbeating_drop_out() -> None:
+    view = ClusterView(bus=None)  # type: ignore[arg-type]
+    view.on_status(_status("a", 0))
+    view._engines["a"].last_seen = time.monotonic() - 10
+    assert view.engines() == [] and not view.is_alive("a")
