@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig, clear_up_state, write_up_state
-from busserve.bus.embedded import EmbeddedNats, _die_with_parent
+from busserve.bus.embedded import EmbeddedNats, _die_with_parent, free_port
 from busserve.messages import EngineStatus, RouterStatus
 from busserve.up import StopFlag
 
@@ -60,7 +60,7 @@ def _common_bus_flags(args: argparse.Namespace, url: str) -> list[str]:
 
 def engine_command(args: argparse.Namespace, url: str, engine_id: str, threads: int, roles: str) -> list[str]:
     cmd = [sys.executable, "-m", "busserve.cli", "--log-level", args.log_level, "engine", "--id", engine_id,
-           "--threads", str(threads), "--roles", roles, "--dtype", args.dtype, "--page-size", str(args.page_size),
+           "--threads", str(threads), "--roles", roles, "--metrics-port", str(free_port()), "--dtype", args.dtype, "--page-size", str(args.page_size),
            "--kv-memory", args.kv_memory, "--max-running", str(args.max_running), "--device", args.device,
            *_common_bus_flags(args, url)]
     for flag, value in (("--model", args.model), ("--kv-pages", args.kv_pages),
@@ -154,6 +154,11 @@ def launch_cluster(args: argparse.Namespace) -> int:
                         "started_at": time.time()})
         print(f"ready: {len(statuses)} engine(s) serving {model}" + (f"; OpenAI API at {http}" if http else ""),
               flush=True)
+        scrape = [st.metrics_url for st in statuses.values() if st.metrics_url]
+        if http:
+            scrape.insert(0, http.removesuffix("/v1") + "/metrics")
+        if scrape:
+            print(f"metrics: {' '.join(scrape)}", flush=True)
         print('try:  busserve generate "What is the capital of France?"   (Ctrl-C stops everything)', flush=True)
         while not stop.wait(0.5):
             dead = [(name, p.returncode) for name, p in children if p.poll() is not None]

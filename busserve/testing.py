@@ -61,11 +61,11 @@ class ProcessCluster:
         return proc
 
     def start_engine(self, engine_id: str, *extra: str, cpus: list[int] | None = None,
-                     threads: int | None = None) -> subprocess.Popen[bytes]:
+                     threads: int | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         argv = ["engine", "--nats", self.url, "--id", engine_id, *extra]
         if threads or cpus:
             argv += ["--threads", str(threads or len(cpus or []))]
-        return self.start(engine_id, *argv, cpus=cpus)
+        return self.start(engine_id, *argv, cpus=cpus, env=env)
 
     def wait_engines(self, ids: set[str], timeout_s: float = 300.0) -> dict[str, EngineStatus]:
         alive = lambda: all(p.poll() is None for p in self.procs.values())  # noqa: E731

@@ -128,8 +128,9 @@ class EngineCore:
         self._kv_event_seq = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # Hooks for telemetry (set by the service): called on the compute thread.
+        # Telemetry hooks (see busserve.telemetry.engine_telemetry), called on the compute thread.
         self.on_finish: Callable[[Sequence, str], None] | None = None
+        self.on_prep_recv: Callable[[Sequence, int, int, object, int], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -193,6 +194,10 @@ class EngineCore:
         out: list[Outbound] = []
         self._finish_ready_sends()
         if batch:
+            now_ns = time.time_ns()
+            for s in batch.seqs:
+                if not s.ctx.t_scheduled_ns:
+                    s.ctx.t_scheduled_ns = now_ns
             sample_seqs = [s for s, n in batch if s.kind is SeqKind.GENERATE and s.num_computed + n == len(s.token_ids)]
             sends = [(s, n) for s, n in batch if s.kind is SeqKind.SEND]
             hook = self._layer_hook(sends) if sends else None
@@ -216,6 +221,7 @@ class EngineCore:
         ctx: GenerateCtx = seq.ctx
         if ctx.first_token_at is None:
             ctx.first_token_at = time.monotonic()
+            ctx.t_first_token_ns = time.time_ns()
             ctx.cached_tokens = seq.num_cached
         seq.token_ids.append(tok)
         self.counters.generated_tokens += 1
@@ -300,6 +306,7 @@ class EngineCore:
             ctx: SendCtx = seq.ctx
             ctx.finishing = True
             ctx.computed_at = time.monotonic()
+            ctx.t_computed_ns = time.time_ns()
             if ctx.writer is None:
                 self.submit(SendDoneCmd(seq.request_id, None, 0))
                 continue
@@ -343,7 +350,7 @@ class EngineCore:
             if isinstance(msg, PrepRecv):
                 cmd.reply(self._on_prep_recv(msg, cmd))
             elif isinstance(msg, StartGenerate):
-                cmd.reply(self._on_start_generate(msg))
+                cmd.reply(self._on_start_generate(msg, cmd))
             elif isinstance(msg, RemoteSend):
                 err = self._on_remote_send(msg, cmd)
                 if err is not None:
@@ -485,9 +492,11 @@ class EngineCore:
         )
         if transport == "bus":
             self.landing.open(addr)
+        if self.on_prep_recv is not None:
+            self.on_prep_recv(seq, matched, len(addr.pages), cmd.trace, cmd.received_ns)
         return PrepRecvReply(request_id=rid, matched=matched, kv_addr=addr)
 
-    def _on_start_generate(self, msg: StartGenerate) -> StartGenerateReply | Error:
+    def _on_start_generate(self, msg: StartGenerate, cmd: ActionCmd) -> StartGenerateReply | Error:
         rid = msg.request_id
         seq = self.scheduler.parked.get(rid)
         if seq is None:
@@ -501,6 +510,9 @@ class EngineCore:
                          message=f"start_generate begin={msg.begin} must equal prep_recv end={seq.parked_end}")
         self.landing.close(rid)
         self.scheduler.start_parked(rid, msg.begin)
+        # From here the request generates on this engine: its spans hang under the start_generate sub-request.
+        ctx: GenerateCtx = seq.ctx
+        ctx.trace, ctx.t_arrival_ns, ctx.t_scheduled_ns = cmd.trace, cmd.received_ns, 0
         return StartGenerateReply(request_id=rid, engine_id=self.config.engine_id)
 
     def _on_remote_send(self, msg: RemoteSend, cmd: ActionCmd) -> Error | None:

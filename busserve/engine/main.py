@@ -7,6 +7,7 @@ import logging
 import re
 import secrets
 import signal
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from busserve.engine.engine_core import EngineConfig, EngineCore
 from busserve.engine.model_loader import LoadedModel, load_model, resolve_dtype
 from busserve.engine.runner import kv_layout_for
 from busserve.engine.service import EngineService, ServiceConfig
+from busserve.telemetry import setup as telemetry
+from busserve.telemetry.engine_telemetry import EngineTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class EngineOptions:
     transports: tuple[str, ...] = ("shm", "bus")
     roles: tuple[str, ...] = ("prefill", "decode")
     metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"
 
 
 def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> EngineCore:
@@ -69,13 +73,22 @@ def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> Engine
 
 def run_engine_process(opts: EngineOptions, bus_config: BusConfig) -> None:
     """Serve until SIGINT/SIGTERM: compute on this (main) thread, bus I/O on a background event loop."""
+    tel = telemetry.configure("busserve-engine", opts.engine_id, serve_metrics=opts.metrics_port > 0)
     core = build_core(opts)
+    EngineTelemetry(core, tracing=tel.tracing)
+    metrics_url = ""
+    if opts.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(opts.metrics_port, addr=opts.metrics_host, registry=tel.prometheus_registry)
+        metrics_url = f"http://{socket.gethostname()}:{opts.metrics_port}/metrics"
     io = BackgroundLoop(name=f"engine-{opts.engine_id}-bus")
     bus: Bus | None = None
     service: EngineService | None = None
     try:
         bus = io.run(Bus.connect(bus_config, name=f"busserve-engine-{opts.engine_id}"))
-        service = EngineService(bus, core, ServiceConfig(roles=list(opts.roles)))  # type: ignore[arg-type]
+        service = EngineService(bus, core, ServiceConfig(roles=list(opts.roles),  # type: ignore[arg-type]
+                                                         metrics_url=metrics_url))
         io.run(service.start(run_core=False))
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: core.request_stop())
@@ -88,6 +101,7 @@ def run_engine_process(opts: EngineOptions, bus_config: BusConfig) -> None:
             io.run(bus.close(), timeout=10)
         core.stop()
         io.close()
+        tel.shutdown()
 
 
 def options_from_args(args: argparse.Namespace) -> EngineOptions:

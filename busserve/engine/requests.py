@@ -44,7 +44,11 @@ class GenerateCtx:
     cached_tokens: int = 0
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
-    trace: Any = None  # telemetry handle (spans), set by the service
+    trace: Any = None  # the OpenTelemetry context the request arrived with (parent of the engine's spans)
+    # Wall-clock stamps (ns) for spans built when the request ends; plain ints, so tracing costs the step nothing.
+    t_arrival_ns: int = field(default_factory=time.time_ns)
+    t_scheduled_ns: int = 0
+    t_first_token_ns: int = 0
 
 
 @dataclass
@@ -62,6 +66,9 @@ class SendCtx:
     finishing: bool = False
     aborted: bool = False
     trace: Any = None
+    t_start_ns: int = field(default_factory=time.time_ns)
+    t_scheduled_ns: int = 0
+    t_computed_ns: int = 0
 
 
 # ------------------------------------------------------------------ commands
@@ -90,6 +97,7 @@ class ActionCmd:
     reply: Reply
     content_type: ContentType = "msgpack"
     trace: Any = None
+    received_ns: int = field(default_factory=time.time_ns)
 
 
 @dataclass

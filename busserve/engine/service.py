@@ -49,6 +49,7 @@ from busserve.messages import (
     SetRoles,
     StartGenerate,
 )
+from busserve.telemetry import propagation
 from busserve.tokenization import RequestRejected, prompt_token_ids
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ class EngineService:
 
         # Submitted now, in arrival order; the reply is awaited off the subscription so that a long
         # remote_send does not hold up the actions behind it.
-        self.core.submit(ActionCmd(decoded, reply, ct))
+        self.core.submit(ActionCmd(decoded, reply, ct, trace=propagation.extract(msg.headers)))
         self._spawn(self._reply_when_done(msg, fut, action, decoded.request_id))
 
     async def _reply_when_done(self, msg: Msg, fut: asyncio.Future[Any], action: str, rid: str) -> None:
@@ -266,7 +267,8 @@ class EngineService:
             await self.bus.publish(msg.reply, exc.to_error(rid), content_type=ct)
             return
         self.core.submit(GenerateCmd(request_id=rid, token_ids=ids, sampling=req.sampling, stream_subject=msg.reply,
-                                     content_type=ct, include_usage=req.stream.include_usage))
+                                     content_type=ct, include_usage=req.stream.include_usage,
+                                     trace=propagation.extract(msg.headers)))
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:

@@ -37,6 +37,8 @@ from busserve.messages import (
     Transport,
 )
 from busserve.router.request import Request
+from busserve.telemetry import attributes as A
+from busserve.telemetry.router_telemetry import sub_request_span
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,11 @@ class Engine:
         msg = PrepRecv(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, end=end,
                        stream_subject=req.stream_subject, sampling=req.sampling, stream=req.stream, model=req.model,
                        lease_s=self._t.lease_s, transport=transport or self.transport_from(sender))
-        return await self._bus.request(self._subject("prep_recv"), msg, PrepRecvReply, timeout_s=self._t.prep_recv_s)
+        with sub_request_span("prep_recv", self.id, req.request_id, **{A.RANGE_END: end}) as span:
+            reply = await self._bus.request(self._subject("prep_recv"), msg, PrepRecvReply,
+                                            timeout_s=self._t.prep_recv_s)
+            span.set_attribute(A.MATCHED, reply.matched)
+            return reply
 
     async def remote_send(self, req: Request, kv_addr: KVAddress, begin: int, end: int) -> RemoteSendReply:
         """Compute (or take from our cache) the KV of ``prompt[:end]`` and write ``[begin, end)`` to ``kv_addr``."""
@@ -139,8 +145,12 @@ class Engine:
                          begin=begin, end=end, model=req.model)
         self._load.add(self.id, 1)  # busy while it prefills for someone else
         try:
-            return await self._bus.request(self._subject("remote_send"), msg, RemoteSendReply,
-                                           timeout_s=self._t.remote_send_s)
+            with sub_request_span("remote_send", self.id, req.request_id, **{
+                A.RANGE_BEGIN: begin, A.RANGE_END: end, A.KV_BACKEND: kv_addr.transport}) as span:
+                reply = await self._bus.request(self._subject("remote_send"), msg, RemoteSendReply,
+                                                timeout_s=self._t.remote_send_s)
+                span.set_attribute(A.KV_BYTES, reply.bytes_sent)
+                return reply
         finally:
             self._load.add(self.id, -1)
 
@@ -149,8 +159,9 @@ class Engine:
         req.touched.add(self.id)
         self._load.assign(req, self.id)
         req.start_pending = self.id
-        reply = await self._bus.request(self._subject("start_generate"), StartGenerate(
-            request_id=req.request_id, begin=begin), StartGenerateReply, timeout_s=self._t.start_generate_s)
+        with sub_request_span("start_generate", self.id, req.request_id, **{A.RANGE_BEGIN: begin}):
+            reply = await self._bus.request(self._subject("start_generate"), StartGenerate(
+                request_id=req.request_id, begin=begin), StartGenerateReply, timeout_s=self._t.start_generate_s)
         req.started_on, req.start_pending = self.id, None
         return reply
 

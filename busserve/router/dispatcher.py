@@ -20,6 +20,7 @@ import logging
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,8 @@ from busserve.messages import (
 from busserve.router.cluster import ClusterView, Timeouts
 from busserve.router.request import Request
 from busserve.router.strategy import BUILTINS, Cluster, NoEngine, StrategyFailed, StrategyFn, coerce_params
+from busserve.telemetry import propagation
+from busserve.telemetry.router_telemetry import RouterTelemetry, sub_request_span
 from busserve.tokenization import RequestRejected, prompt_token_ids
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,7 @@ class InFlight:
     terminal_event: Any = None
     cancelled: bool = False
     tokens: int = 0
+    last_token_at: float | None = None
 
 
 class Router:
@@ -95,12 +99,14 @@ class Router:
         self.view = ClusterView(bus, self.config.timeouts)
         self.active = ActiveStrategy(self.config.initial_strategy, None, dict(self.config.initial_params))
         self.in_flight: dict[str, InFlight] = {}
+        # Cancels can overtake their request (it may still be tokenizing): remember recent ones.
+        self.cancelled: OrderedDict[str, None] = OrderedDict()
         self.completed = 0
         self.failed = 0
         self.store: ConfigStore | None = None
         self._subs: list[Any] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.observers: list[Any] = []  # telemetry hooks: on_finish(inflight, outcome)
+        self.telemetry = RouterTelemetry(self.config.router_id, lambda: self.active, lambda: self.in_flight)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -235,7 +241,9 @@ class Router:
             self.failed += 1
             await self.bus.publish(msg.reply, exc.to_error(rid), content_type=ct, trace=False)
             return
-        self._spawn(self._serve(req, self.active), name=f"request-{rid}")
+        req.operation = "chat" if gen.messages is not None else "text_completion"
+        parent = propagation.extract(msg.headers)  # continue the caller's trace, if it sent one
+        self._spawn(self._serve(req, self.active, parent), name=f"request-{rid}")
 
     async def _admit(self, gen: GenerateRequest, rid: str, stream_subject: str, ct: Any) -> Request:
         if rid in self.in_flight:
@@ -259,37 +267,37 @@ class Router:
         return Request(request_id=rid, prompt_token_ids=ids, sampling=gen.sampling, stream_subject=stream_subject,
                        stream=gen.stream, content_type=ct, model=gen.model)
 
-    async def _serve(self, req: Request, active: ActiveStrategy) -> None:
-        flight = InFlight(req=req, strategy=active.name)
+    async def _serve(self, req: Request, active: ActiveStrategy, parent: Any = None) -> None:
+        flight = InFlight(req=req, strategy=active.name, cancelled=req.request_id in self.cancelled)
         req.strategy = active.name
         self.in_flight[req.request_id] = flight
         outcome = "error"
         sub = None
-        try:
-            async def on_stream(msg: Msg) -> None:
-                await self._on_stream(flight, msg)
+        with self.telemetry.request_span(req, parent, req.operation) as span:
+            try:
+                async def on_stream(msg: Msg) -> None:
+                    await self._on_stream(flight, msg)
 
-            # Watch the stream before anything can be published on it.
-            sub = await self.bus.nc.subscribe(req.stream_subject, cb=on_stream)
-            outcome = await self._route(flight, active)
-        except Exception as exc:  # a bug of ours must still end the request
-            log.exception("routing %s failed", req.request_id)
-            with contextlib.suppress(Exception):
-                await self._fail(flight, Error(code="internal", request_id=req.request_id,
-                                               message=f"router error: {type(exc).__name__}: {exc}"))
-        finally:
-            if sub is not None:
+                # Watch the stream before anything can be published on it.
+                sub = await self.bus.nc.subscribe(req.stream_subject, cb=on_stream)
+                outcome = await self._route(flight, active)
+            except Exception as exc:  # a bug of ours must still end the request
+                log.exception("routing %s failed", req.request_id)
                 with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-            self.view.load.release(req)
-            self.in_flight.pop(req.request_id, None)
-            if outcome == "error":
-                self.failed += 1
-            else:
-                self.completed += 1
-            for obs in self.observers:
+                    await self._fail(flight, Error(code="internal", request_id=req.request_id,
+                                                   message=f"router error: {type(exc).__name__}: {exc}"))
+            finally:
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                self.view.load.release(req)
+                self.in_flight.pop(req.request_id, None)
+                if outcome == "error":
+                    self.failed += 1
+                else:
+                    self.completed += 1
                 with contextlib.suppress(Exception):
-                    obs.on_finish(flight, outcome)
+                    self.telemetry.on_finish(flight, outcome, span)
 
     async def _route(self, flight: InFlight, active: ActiveStrategy) -> str:
         """Run the strategy, then watch the stream; returns "ok" or "error"."""
@@ -318,8 +326,9 @@ class Router:
         routed = RoutedRequest(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
                                stream_subject=req.stream_subject, sampling=req.sampling, stream=req.stream,
                                model=req.model, params=active.params)
-        result = await self.bus.request(self.bus.subjects.strategy(active.name), routed, StrategyResult,
-                                        timeout_s=self.config.strategy_timeout_s)
+        with sub_request_span(f"strategy {active.name}", "", req.request_id):
+            result = await self.bus.request(self.bus.subjects.strategy(active.name), routed, StrategyResult,
+                                            timeout_s=self.config.strategy_timeout_s)
         req.touched.update(result.touched)
         req.started_on = result.started_on
         if result.error is not None:
@@ -334,9 +343,7 @@ class Router:
             if flight.first_token_at is None:
                 flight.first_token_at = time.monotonic()
             flight.tokens += len(event.token_ids)
-            for obs in self.observers:
-                with contextlib.suppress(Exception):
-                    obs.on_tokens(flight, event)
+            self.telemetry.on_tokens(flight, len(event.token_ids))
         elif not flight.terminal.is_set():
             flight.terminal_event = event
             flight.terminal.set()
@@ -362,7 +369,7 @@ class Router:
         terminal_elsewhere = await self._release(req, reason=error.message)
         if terminal_elsewhere or flight.terminal.is_set():
             return
-        if flight.cancelled:
+        if flight.cancelled or req.request_id in self.cancelled:
             await self._publish_terminal(flight, Final(request_id=req.request_id, finish_reason="cancelled"))
         else:
             await self._publish_terminal(flight, error)
@@ -397,6 +404,9 @@ class Router:
             cancel = codec.decode(msg.data, Cancel, msg.headers)
         except MalformedMessage:
             return
+        self.cancelled[cancel.request_id] = None
+        while len(self.cancelled) > 10_000:
+            self.cancelled.popitem(last=False)
         flight = self.in_flight.get(cancel.request_id)
         if flight is not None:
             # Engines drop the request on the same Cancel; the strategy's next action fails, and _fail then sends

@@ -12,8 +12,9 @@ from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
 from busserve.engine.model_loader import resolve_model_dir
 from busserve.router.dispatcher import Router, RouterConfig
-from busserve.router.openai_front import Front, serve_http
+from busserve.router.openai_front import Front, metrics_route, serve_http
 from busserve.router.strategy import parse_param_args
+from busserve.telemetry import setup as telemetry
 from busserve.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 async def serve(bus_config: BusConfig, config: RouterConfig, tokenizer_source: str | None, http_host: str,
                 http_port: int, stop: asyncio.Event) -> None:
+    tel = telemetry.configure("busserve-router", config.router_id, serve_metrics=http_port > 0)
     folder, _ = resolve_model_dir(tokenizer_source)
     tokenizer = await asyncio.get_running_loop().run_in_executor(None, load_tokenizer, folder)
     bus = await Bus.connect(bus_config, name=f"busserve-{config.router_id}")
@@ -33,7 +35,8 @@ async def serve(bus_config: BusConfig, config: RouterConfig, tokenizer_source: s
             front_bus = await Bus.connect(bus_config, name=f"busserve-front-{config.router_id}")
             front = Front(front_bus)
             await front.start()
-            server = await serve_http(front, http_host, http_port)
+            server = await serve_http(front, http_host, http_port,
+                                      extra_routes=[metrics_route(tel.prometheus_registry)])
             print(f"OpenAI-compatible API on http://{http_host}:{http_port}/v1", flush=True)
         print(f"router {config.router_id} ready (strategy {router.active.name})", flush=True)
         await stop.wait()
@@ -46,6 +49,7 @@ async def serve(bus_config: BusConfig, config: RouterConfig, tokenizer_source: s
         if front_bus is not None:
             await front_bus.close()
         await bus.close()
+        tel.shutdown()
 
 
 def run_router_command(args: argparse.Namespace) -> int:

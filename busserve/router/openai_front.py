@@ -336,6 +336,17 @@ def _usage(final: Final) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
+def metrics_route(registry: Any) -> Route:
+    """``/metrics`` in the Prometheus text format, from the process's OpenTelemetry metrics."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    async def metrics(request: Request) -> Response:
+        body = generate_latest(registry) if registry is not None else b""
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return Route("/metrics", metrics, methods=["GET"])
+
+
 def create_app(front: Front) -> Starlette:
     routes = [
         Route("/health", front.health, methods=["GET"]),

@@ -26,6 +26,7 @@ class Request:
     started_on: str | None = None  # the engine that accepted start_generate (it owns the terminal event)
     start_pending: str | None = None  # start_generate sent to this engine, reply not seen yet
     strategy: str = ""
+    operation: str = "text_completion"  # "chat" when the client sent messages (GenAI conventions)
 
     @property
     def prompt_len(self) -> int:

@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from nats.aio.msg import Msg
+from opentelemetry.trace import SpanKind
 
 from busserve.bus import codec
 from busserve.bus.client import Bus
@@ -23,6 +24,9 @@ from busserve.messages import Ack, EngineStatus, Error, KVEventBatch, RoutedRequ
 from busserve.router.cluster import ClusterView
 from busserve.router.request import Request
 from busserve.router.strategy import Cluster, StrategyFn, coerce_params
+from busserve.telemetry import attributes as A
+from busserve.telemetry import propagation
+from busserve.telemetry.setup import tracer
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +72,21 @@ class StrategyProcess:
         if isinstance(routed, Ack):
             await self.bus.respond(msg, Ack(detail=f"strategy {self.name} here"))
             return
-        task = asyncio.create_task(self._run(msg, routed))
+        task = asyncio.create_task(self._run(msg, routed, propagation.extract(msg.headers)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, msg: Msg, routed: RoutedRequest) -> None:
+    async def _run(self, msg: Msg, routed: RoutedRequest, parent: Any) -> None:
         req = Request(request_id=routed.request_id, prompt_token_ids=list(routed.prompt_token_ids),
                       sampling=routed.sampling, stream_subject=routed.stream_subject, stream=routed.stream,
                       model=routed.model, strategy=self.name)
         error = None
         try:
-            await self.fn(req, Cluster(self.view, req.model), **coerce_params(self.fn, routed.params))
+            with tracer("busserve.strategy").start_as_current_span(
+                f"strategy {self.name}", context=parent, kind=SpanKind.SERVER,
+                attributes={A.REQUEST_ID: req.request_id, A.STRATEGY: self.name},
+            ):
+                await self.fn(req, Cluster(self.view, req.model), **coerce_params(self.fn, routed.params))
         except BusserveError as exc:
             error = exc.to_error(req.request_id)
         except Exception as exc:
