@@ -246,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0)
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("bench", help="open-loop load generator (vLLM-style serving metrics)")
+    add_bus_args(p)
+    from busserve.bench.args import add_bench_args
+
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -323,6 +323,8 @@ class EngineStatus(_Msg, tag="engine_status"):
     seq: int = 0
     metrics_url: str = ""
     draining: bool = False
+    pending_prefill_tokens: int = 0  # prompt tokens queued or mid-prefill here
+    decoding: int = 0  # requests past their prefill, generating
 
 
 class KVStored(_Msg, tag="kv_stored"):

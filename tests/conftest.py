@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# Triton kernels run on the CPU through its interpreter. The switch is read when `@triton.jit` wraps a function,
+# including triton.language's own helpers (tl.sum, tl.max) at import, so it must be set before anything in the
+# session (torch, transformers) imports triton — hence here, at the very top of the root conftest.
+os.environ["TRITON_INTERPRET"] = "1"
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 

@@ -12,7 +12,7 @@ from busserve import __version__
 COMMANDS = [
     [], ["version"], ["schema", "export"], ["nats"], ["up"], ["engine"], ["router"], ["generate"],
     ["strategy"], ["strategy", "set"], ["strategy", "show"], ["strategy", "serve"], ["strategy", "roles"],
-    ["status"],
+    ["status"], ["bench"],
 ]
 
 

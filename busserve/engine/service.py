@@ -28,6 +28,7 @@ from busserve.bus.subjects import Subjects
 from busserve.config_store import ConfigStore, ConfigUnavailable, roles_key
 from busserve.engine.engine_core import EngineCore
 from busserve.engine.requests import ActionCmd, CallCmd, CancelCmd, GenerateCmd, Outbound
+from busserve.engine.sequence import SeqKind
 from busserve.errors import MalformedMessage
 from busserve.kv.transfer.base import TransferError
 from busserve.kv.transfer.bus import BusTransport
@@ -181,6 +182,11 @@ class EngineService:
         core = self.core
         sched = core.scheduler
         self._heartbeat_seq += 1
+        pending = decoding = 0
+        for seq in list(sched.running) + list(sched.waiting):  # racy reads of ints: a heartbeat, not an audit
+            todo = seq.compute_target - seq.num_computed if seq.is_prefill or seq.kind is SeqKind.SEND else 0
+            pending += max(0, min(todo, seq.prompt_len - seq.num_computed))
+            decoding += seq.kind is SeqKind.GENERATE and not seq.is_prefill
         return EngineStatus(
             engine_id=self.engine_id, model=core.loaded.name, roles=list(self.config.roles),
             running=sum(1 for s in list(sched.running) if s.ctx is not None),
@@ -189,7 +195,7 @@ class EngineService:
             max_model_len=core.max_model_len, transports=list(core.transports),  # type: ignore[arg-type]
             host=self.host, pid=os.getpid(), cached_pages=core.cache.num_pages,
             prefix_hit_rate=core.cache.hit_rate, interval_s=self.config.heartbeat_s, seq=self._heartbeat_seq,
-            metrics_url=self.config.metrics_url,
+            metrics_url=self.config.metrics_url, pending_prefill_tokens=pending, decoding=decoding,
         )
 
     # ------------------------------------------------------------------ inbound

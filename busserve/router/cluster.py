@@ -96,6 +96,15 @@ class Engine:
         return max(self.status.running + self.status.waiting + self.status.parked, self.in_flight)
 
     @property
+    def prefill_backlog(self) -> int:
+        """Prompt tokens this engine still has to prefill (its heartbeat's count or this router's, the larger)."""
+        return max(self.status.pending_prefill_tokens, self._load.prefill(self.id))
+
+    @property
+    def decoding(self) -> int:
+        return max(self.status.decoding, self._load.decoding(self.id))
+
+    @property
     def free_kv_fraction(self) -> float:
         total = self.status.total_pages or 1
         return (self.status.free_pages + self.status.cached_pages) / total
@@ -144,6 +153,7 @@ class Engine:
         msg = RemoteSend(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids[:end], kv_addr=kv_addr,
                          begin=begin, end=end, model=req.model)
         self._load.add(self.id, 1)  # busy while it prefills for someone else
+        self._load.charge_prefill(req, self.id, max(0, end - self.cached_prefix(req)))
         try:
             with sub_request_span("remote_send", self.id, req.request_id, **{
                 A.RANGE_BEGIN: begin, A.RANGE_END: end, A.KV_BACKEND: kv_addr.transport}) as span:
@@ -153,11 +163,13 @@ class Engine:
                 return reply
         finally:
             self._load.add(self.id, -1)
+            self._load.prefill_done(req, self.id)
 
     async def start_generate(self, req: Request, begin: int) -> StartGenerateReply:
         """Prefill ``prompt[begin:]`` here on top of the received KV, then decode to the request's stream."""
         req.touched.add(self.id)
         self._load.assign(req, self.id)
+        self._load.charge_prefill(req, self.id, max(0, req.prompt_len - max(begin, self.cached_prefix(req))))
         req.start_pending = self.id
         with sub_request_span("start_generate", self.id, req.request_id, **{A.RANGE_BEGIN: begin}):
             reply = await self._bus.request(self._subject("start_generate"), StartGenerate(
@@ -172,27 +184,60 @@ class Engine:
 
 
 class LoadTracker:
-    """Requests this router has assigned to each engine and not seen end — heartbeats lag by up to a second, and
-    without this a burst of requests would all pick the same "idle" engine."""
+    """What this router has put on each engine and not yet seen done — heartbeats lag by up to a second, and without
+    this a burst of requests would all pick the same "idle" engine. Three counts per engine: requests, prompt tokens
+    still to prefill (until the request's first token, or the end of a remote_send), and requests decoding."""
 
     def __init__(self) -> None:
         self._n: dict[str, int] = {}
+        self._prefill: dict[str, int] = {}
+        self._decoding: dict[str, int] = {}
 
     def get(self, engine_id: str) -> int:
         return self._n.get(engine_id, 0)
 
+    def prefill(self, engine_id: str) -> int:
+        return self._prefill.get(engine_id, 0)
+
+    def decoding(self, engine_id: str) -> int:
+        return self._decoding.get(engine_id, 0)
+
+    @staticmethod
+    def _bump(book: dict[str, int], engine_id: str, delta: int) -> None:
+        book[engine_id] = max(0, book.get(engine_id, 0) + delta)
+
     def add(self, engine_id: str, delta: int) -> None:
-        self._n[engine_id] = max(0, self._n.get(engine_id, 0) + delta)
+        self._bump(self._n, engine_id, delta)
 
     def assign(self, req: Request, engine_id: str) -> None:
         if engine_id not in req.assigned:
             req.assigned.add(engine_id)
             self.add(engine_id, 1)
 
+    def charge_prefill(self, req: Request, engine_id: str, tokens: int) -> None:
+        self._bump(self._prefill, engine_id, tokens)
+        req.prefill_charge[engine_id] = req.prefill_charge.get(engine_id, 0) + tokens
+
+    def prefill_done(self, req: Request, engine_id: str) -> None:
+        self._bump(self._prefill, engine_id, -req.prefill_charge.pop(engine_id, 0))
+
+    def first_token(self, req: Request) -> None:
+        """The request's prefill is over and it decodes on the engine that started it."""
+        if req.started_on is not None:
+            self.prefill_done(req, req.started_on)
+            if req.decoding_on is None:
+                req.decoding_on = req.started_on
+                self._bump(self._decoding, req.started_on, 1)
+
     def release(self, req: Request) -> None:
         for engine_id in req.assigned:
             self.add(engine_id, -1)
         req.assigned.clear()
+        for engine_id in list(req.prefill_charge):
+            self.prefill_done(req, engine_id)
+        if req.decoding_on is not None:
+            self._bump(self._decoding, req.decoding_on, -1)
+            req.decoding_on = None
 
 
 class ClusterView:

@@ -342,6 +342,7 @@ class Router:
         if isinstance(event, TokenChunk):
             if flight.first_token_at is None:
                 flight.first_token_at = time.monotonic()
+                self.view.load.first_token(flight.req)
             flight.tokens += len(event.token_ids)
             self.telemetry.on_tokens(flight, len(event.token_ids))
         elif not flight.terminal.is_set():

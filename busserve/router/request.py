@@ -23,6 +23,8 @@ class Request:
     # Filled in as the strategy runs.
     touched: set[str] = field(default_factory=set)  # engines that may hold state for this request
     assigned: set[str] = field(default_factory=set)  # engines whose load this request counts toward
+    prefill_charge: dict[str, int] = field(default_factory=dict)  # engine -> prompt tokens it still has to compute
+    decoding_on: str | None = None
     started_on: str | None = None  # the engine that accepted start_generate (it owns the terminal event)
     start_pending: str | None = None  # start_generate sent to this engine, reply not seen yet
     strategy: str = ""

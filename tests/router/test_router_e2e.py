@@ -333,3 +333,28 @@ async def test_node_client_speaks_json_over_nats(cluster: tuple[ProcessCluster, 
         assert result["terminal"]["type"] == "final" and result["terminal"]["usage"]["completion_tokens"] >= 1
     finally:
         await bus.close()
+
+
+def test_busserve_bench_against_the_cluster(cluster: tuple[ProcessCluster, int], tmp_path: Path) -> None:
+    """The load generator end to end: two strategies switched live, JSON with per-request arrays, CDF plot."""
+    import json
+
+    c, port = cluster
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    run = subprocess.run([sys.executable, "-m", "busserve.cli", "bench", "--nats", c.url, "--dataset", "mixed",
+                          "--num-prompts", "8", "--rate", "20", "--warmup", "1", "--strategy", "least_loaded",
+                          "--strategy", "balanced_pd:f=0.3", "--out", str(out), "--plot", str(png), "--no-progress",
+                          "--slo-ttft-ms", "60000"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "balanced_pd(f=0.3)" in run.stdout and "least_loaded" in run.stdout
+    result = json.loads(out.read_text())
+    assert [r["label"] for r in result["runs"]] == ["least_loaded", "balanced_pd(f=0.3)"]
+    for r in result["runs"]:
+        assert r["summary"]["completed"] == 8 and r["summary"]["goodput"] > 0
+        assert len(r["requests"]["ttft"]) == 8 and all(t is not None for t in r["requests"]["e2e"])
+    assert png.stat().st_size > 10_000
+    http = subprocess.run([sys.executable, "-m", "busserve.cli", "bench", "--nats", c.url, "--http",
+                           f"http://127.0.0.1:{port}/v1", "--dataset", "chat", "--num-prompts", "4",
+                           "--output-len", "fixed:8", "--no-progress"], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert http.returncode == 0, http.stdout + http.stderr

@@ -73,3 +73,23 @@ def test_engines_that_stop_heartbeating_drop_out() -> None:
     view.on_status(_status("a", 0))
     view._engines["a"].last_seen = time.monotonic() - 10
     assert view.engines() == [] and not view.is_alive("a")
+
+
+def test_load_tracker_counts_requests_prefill_and_decodes() -> None:
+    from busserve.router.cluster import LoadTracker
+
+    t = LoadTracker()
+    req = _req(list(range(100)))
+    t.assign(req, "d")
+    t.assign(req, "d")  # once per engine
+    t.charge_prefill(req, "p", 80)
+    t.charge_prefill(req, "d", 20)
+    assert (t.get("d"), t.prefill("p"), t.prefill("d")) == (1, 80, 20)
+    t.prefill_done(req, "p")  # remote_send returned
+    req.started_on = "d"
+    t.first_token(req)
+    assert (t.prefill("p"), t.prefill("d"), t.decoding("d")) == (0, 0, 1)
+    t.release(req)
+    assert (t.get("d"), t.decoding("d")) == (0, 0)
+    t.release(req)  # idempotent
+    assert t.get("d") == 0 and t.decoding("d") == 0

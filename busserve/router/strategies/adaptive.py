@@ -1,31 +1,51 @@
 """Adaptive: per request, data parallel, PD or balanced PD — and the balance factor — from the prompt length, the
-cached prefix and engine load (see docs/BENCHMARKS.md for the measurements behind the thresholds)."""
+cached prefix and the engines' load, measured in work rather than in requests.
+
+What the measurements on a 2-core machine said (docs/BENCHMARKS.md, issue #7): for long prompts PD cut P99 JCT by
+24-38% against data parallel, because decode steps no longer wait behind 512-token prefill chunks; for short chat
+prompts every strategy was within a few percent. So:
+
+* a long prompt (at least ``long_prompt`` tokens that no engine has cached) is disaggregated: prefill where the
+  least work is queued, decode where the fewest requests decode; the decode engine takes the last ``f`` of the
+  prompt only when the prefill side is backed up by more than a whole prompt beyond it (balanced PD);
+* anything shorter runs whole on one engine, the one with the least work ahead — a cached prefix counts for the
+  engine holding it, and a queued long prefill counts against an engine (short requests should not wait behind it).
+
+Work is prompt tokens still to prefill plus ``decode_cost`` tokens per request decoding.
+"""
 
 from __future__ import annotations
 
 import math
 
+from busserve.router.cluster import Engine
 from busserve.router.strategies.common import disaggregate, run_on
-from busserve.router.strategy import Cluster, Request, strategy
+from busserve.router.strategy import Cluster, NoEngine, Request, strategy
 
 
 @strategy("adaptive")
-async def adaptive(req: Request, cluster: Cluster, *, long_prompt: int = 1024, max_f: float = 0.3) -> None:
-    holder, cached = cluster.longest_prefix(req)
-    least = cluster.least_loaded(role="decode")
-    uncached = req.prompt_len - cached
-    # Short work, or a prompt mostly cached somewhere: splitting costs more than it saves.
-    if uncached < long_prompt:
-        target = holder if holder is not None and cached and holder.load <= least.load + 1 else least
-        await run_on(req, target)
+async def adaptive(req: Request, cluster: Cluster, *, long_prompt: int = 512, decode_cost: int = 128,
+                   max_f: float = 0.3) -> None:
+    engines = cluster.engines(role="decode")
+    if not engines:
+        raise NoEngine("no live engine with role decode")
+
+    def uncached(e: Engine) -> int:
+        return req.prompt_len - e.cached_prefix(req)
+
+    def work(e: Engine) -> int:
+        return e.prefill_backlog + decode_cost * e.decoding
+
+    if min(uncached(e) for e in engines) < long_prompt or len(cluster.engines()) < 2:
+        await run_on(req, min(engines, key=lambda e: (work(e) + uncached(e), e.id)))
         return
-    prefill = cluster.least_loaded(role="prefill")
-    decode = cluster.try_least_loaded(role="decode", exclude=[prefill])
-    if decode is None:
+    prefill = min(cluster.engines(role="prefill") or engines, key=lambda e: (work(e) + uncached(e), e.id))
+    others = [e for e in engines if e.id != prefill.id]
+    if not others:
         await run_on(req, prefill)
         return
-    # Move part of the prefill to the decode engine as the prefill side gets busier than the decode side.
-    pressure = prefill.load - decode.load
-    f = 0.0 if pressure <= 0 else min(max_f, 0.1 * pressure)
+    decode = min(others, key=lambda e: (e.decoding, e.prefill_backlog, e.id))
+    excess = prefill.prefill_backlog - decode.prefill_backlog
+    f = min(max_f, excess / (2 * req.prompt_len)) if excess > req.prompt_len else 0.0
     end = req.prompt_len - 1 if f == 0 else math.floor((1 - f) * req.prompt_len)
     await disaggregate(req, prefill, decode, end=end)
