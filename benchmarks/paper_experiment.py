@@ -8,7 +8,9 @@ any measurement: ``long`` — inputs N(1024, 256) tokens, outputs N(32, 8) (the 
 outputs N(128, 32); ``mixed`` — the two interleaved half and half. Poisson arrivals. Request rates are fractions
 of the capacity measured at the start (``--load``), so the same script means the same thing on another machine.
 
-Each (workload, rate) runs every strategy on the same requests, switching live; results go to
+Each (workload, rate) runs every strategy on the same requests (same lengths, same arrival times), switching live;
+each run's prompts get their own 2-token head (``datasets.salted``) so that no strategy is served from the prefix
+cache an earlier run filled. Results go to
 ``<out>/<workload>_<rate>.json`` and ``.png`` (latency CDFs) and a Markdown table to stdout.
 """
 
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,43 +32,67 @@ from busserve.bench.main import bench_once, parse_strategy, set_strategy, strate
 from busserve.bench.plot import plot_cdfs
 from busserve.bench.runner import LoadConfig, bus_sender, run_load
 from busserve.bus.client import Bus
+from busserve.errors import BusserveError
+from busserve.messages import RolesState, SetRoles
 from busserve.testing import ProcessCluster
 
 FIXED = ["least_loaded", "pd", "balanced_pd:f=0.1", "balanced_pd:f=0.2", "balanced_pd:f=0.3"]
 WORKLOADS = {"long": datasets.long_input, "chat": datasets.chat, "mixed": datasets.mixed}
+ENGINES = ("E0", "E1")
+# As in the paper, PD means a prefill engine and a decode engine; data parallel and adaptive get two engines that
+# do both (adaptive decides per request which does what).
+ROLES_BY_STRATEGY = {"pd": (["prefill"], ["decode"]), "balanced_pd": (["prefill"], ["decode"])}
+BOTH = (["prefill", "decode"], ["prefill", "decode"])
 
 
 async def capacity(bus: Bus, make: Any, n: int = 12) -> float:
     """Requests per second the cluster completes when offered everything at once (data parallel)."""
+    await set_roles(bus, BOTH)
     await set_strategy(bus, "least_loaded", {})
     samples = make(n, seed=999)
     records, duration = await run_load(samples, bus_sender(bus, 600), LoadConfig(max_concurrency=n))
     return sum(1 for r in records if r.ok) / duration
 
 
+async def set_roles(bus: Bus, roles: tuple[list[str], list[str]]) -> None:
+    for eid, r in zip(ENGINES, roles, strict=True):
+        await bus.request(bus.subjects.engine_action(eid, "set_roles"), SetRoles(engine_id=eid, roles=r),  # type: ignore[arg-type]
+                          RolesState, timeout_s=10)
+    await asyncio.sleep(2.5)  # two heartbeats: the router's cluster view now has the new roles
+
+
 async def run(cluster: ProcessCluster, args: argparse.Namespace) -> list[str]:
     bus = await Bus.connect(cluster.bus_config(), name="paper")
     tables = []
+    strategies = args.strategy or FIXED + (["adaptive"] if args.adaptive else [])
     try:
         send = bus_sender(bus, 900)
         for workload in args.workloads.split(","):
             make = WORKLOADS[workload]
-            cap = await capacity(bus, make)
+            earlier = {load: _load_json(args.out, workload, load) for load in _loads(args)}
+            # Added runs (--strategy) reuse the stored rates, so they see exactly the earlier runs' workload.
+            cap = next((e["capacity"] for e in earlier.values() if e), None) or await capacity(bus, make)
             print(f"{workload}: capacity {cap:.3f} req/s", file=sys.stderr, flush=True)
-            strategies = FIXED + (["adaptive"] if args.adaptive else [])
-            for load in (float(x) for x in args.load.split(",")):
-                rate = round(load * cap, 3)
+            for load in _loads(args):
+                rate = earlier[load]["rate"] if earlier[load] else round(load * cap, 3)
                 samples = make(args.num_prompts, seed=int(load * 100))
-                runs = []
+                runs = list((earlier[load] or {}).get("runs", []))
+                stored = {r["label"] for r in runs}
                 for spec in strategies:
                     name, params = parse_strategy(spec)
+                    await set_roles(bus, ROLES_BY_STRATEGY.get(name, BOTH))
                     state = await set_strategy(bus, name, params)
                     label = strategy_label(state.name, state.params)
-                    runs.append(await bench_once(send, samples, LoadConfig(rate=rate, seed=7, timeout_s=900),
-                                                 warmup=1, progress=False, label=label, slo=None))
+                    if args.strategy and label in stored:
+                        # Measured again beside newly added strategies: kept next to the first run, whose
+                        # difference from it is the drift between the two invocations.
+                        label += " (again)"
+                    run_ = await bench_once(send, samples, LoadConfig(rate=rate, seed=7, timeout_s=900), warmup=1,
+                                            progress=False, label=label, slo=None, salt=f"{workload}:{load}:{spec}")
+                    runs = [r for r in runs if r["label"] != label] + [run_]
                     print(f"  {workload} load {load} ({rate} req/s) {label}: JCT p99 "
-                          f"{runs[-1]['summary']['e2e_s']['p99']:.2f}s", file=sys.stderr, flush=True)
-                stem = Path(args.out) / f"{workload}_{round(load * 100)}"  # long_40.json: no dot for with_suffix to eat
+                          f"{run_['summary']['e2e_s']['p99']:.2f}s", file=sys.stderr, flush=True)
+                stem = _stem(args.out, workload, load)
                 stem.parent.mkdir(parents=True, exist_ok=True)
                 stem.with_suffix(".json").write_text(json.dumps(
                     {"workload": workload, "load": load, "rate": rate, "capacity": cap, "runs": runs}))
@@ -72,22 +100,49 @@ async def run(cluster: ProcessCluster, args: argparse.Namespace) -> list[str]:
                 tables.append(f"### {workload}, {rate} req/s ({load:.0%} of measured capacity {cap:.2f} req/s)\n\n"
                               + markdown(runs))
     finally:
+        with contextlib.suppress(BusserveError):  # best effort: the engines may be gone already
+            await set_roles(bus, BOTH)
         await bus.close()
     return tables
 
 
+def _loads(args: argparse.Namespace) -> list[float]:
+    return [float(x) for x in args.load.split(",")]
+
+
+def _stem(out: str, workload: str, load: float) -> Path:
+    return Path(out) / f"{workload}_{round(load * 100)}"  # long_40.json: no dot for with_suffix to eat
+
+
+def _load_json(out: str, workload: str, load: float) -> dict[str, Any] | None:
+    path = _stem(out, workload, load).with_suffix(".json")
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def markdown(runs: list[dict[str, Any]]) -> str:
     base = next((r for r in runs if r["label"] == "least_loaded"), runs[0])["summary"]
-    lines = ["| strategy | JCT mean (s) | JCT p50 | JCT p99 | vs DP mean | vs DP p99 | TTFT p50 (s) | TPOT p50 (ms) "
-             "| output tok/s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| strategy | JCT mean (s) | JCT p50 | JCT p99 | vs DP mean | vs DP p99 | TTFT p50 / p99 (s) "
+             "| TPOT p50 / p99 (ms) | output tok/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         s = r["summary"]
-        e = s["e2e_s"]
+        e, t, o = s["e2e_s"], s["ttft_s"], s["tpot_s"]
         lines.append(f"| {r['label']} | {e['mean']:.2f} | {e['p50']:.2f} | {e['p99']:.2f} | "
                      f"{(e['mean'] / base['e2e_s']['mean'] - 1) * 100:+.0f}% | "
-                     f"{(e['p99'] / base['e2e_s']['p99'] - 1) * 100:+.0f}% | {s['ttft_s']['p50']:.2f} | "
-                     f"{s['tpot_s']['p50'] * 1e3:.0f} | {s['output_throughput']:.1f} |")
+                     f"{(e['p99'] / base['e2e_s']['p99'] - 1) * 100:+.0f}% | {t['p50']:.2f} / {t['p99']:.2f} | "
+                     f"{o['p50'] * 1e3:.0f} / {o['p99'] * 1e3:.0f} | {s['output_throughput']:.1f} |")
     return "\n".join(lines)
+
+
+def report(args: argparse.Namespace) -> list[str]:
+    """The tables of stored results, without running anything."""
+    tables = []
+    for workload in args.workloads.split(","):
+        for load in _loads(args):
+            d = _load_json(args.out, workload, load)
+            if d:
+                tables.append(f"### {workload}, {d['rate']} req/s ({load:.0%} of measured capacity "
+                              f"{d['capacity']:.2f} req/s)\n\n" + markdown(d["runs"]))
+    return tables
 
 
 def main() -> int:
@@ -96,8 +151,17 @@ def main() -> int:
     ap.add_argument("--load", default="0.4,0.6,0.8", help="request rates as fractions of measured capacity")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--adaptive", action="store_true", help="also run the adaptive strategy")
+    ap.add_argument("--strategy", action="append", default=[], metavar="NAME[:k=v,...]",
+                    help="run only these (repeat the flag) and merge them into the stored results of the same "
+                         "workloads and rates")
     ap.add_argument("--out", default=".bench/paper")
+    ap.add_argument("--report", action="store_true", help="print the tables of stored results and exit")
     args = ap.parse_args()
+    if args.report:
+        print("\n\n".join(report(args)))
+        return 0
+    # SIGTERM exits through the ProcessCluster's clean-up, so no engine or router outlives the experiment.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cores = sorted(os.sched_getaffinity(0))
     with ProcessCluster() as cluster:
         for i, eid in enumerate(("E0", "E1")):

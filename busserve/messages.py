@@ -298,6 +298,22 @@ class KVCommitReply(_Msg, tag="kv_commit_reply"):
     chunks: int
 
 
+class NvshmemIdRequest(_Msg, tag="nvshmem_id_request"):
+    """A rank asks rank 0 of an NVSHMEM group for the group's unique id (bootstrap over the bus, no MPI)."""
+
+    group: Annotated[str, Meta(min_length=1, max_length=128)]
+    rank: Annotated[int, Meta(ge=1)]
+    world_size: Annotated[int, Meta(ge=2, le=4096)]
+
+
+class NvshmemId(_Msg, tag="nvshmem_id"):
+    """Rank 0's answer: the opaque NVSHMEM unique id every rank passes to its ``init``."""
+
+    group: str
+    world_size: int
+    unique_id: Annotated[bytes, Meta(max_length=4096)]
+
+
 # --------------------------------------------------------------------------------------------- cluster state
 
 
@@ -449,6 +465,8 @@ ALL_MESSAGES: tuple[type[Struct], ...] = (
     KVChunk,
     KVCommit,
     KVCommitReply,
+    NvshmemIdRequest,
+    NvshmemId,
     EngineStatus,
     KVStored,
     KVRemoved,

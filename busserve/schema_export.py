@@ -70,6 +70,9 @@ def channels(subjects: Subjects | None = None) -> list[Channel]:
         Channel("kvData", s.kv_data(eid), (m.KVChunk, m.KVCommit),
                 "KV data for an engine's reserved slots when the transport is the bus.", "receive",
                 reply=(m.KVCommitReply, m.Error)),
+        Channel("nvshmemBootstrap", s.nvshmem_bootstrap("{group}"), (m.NvshmemIdRequest,),
+                "GPU engines of one NVSHMEM group fetch the group's unique id from rank 0 before nvshmem init.",
+                "receive", reply=(m.NvshmemId, m.Error)),
         Channel("routersStatus", s.routers_status(), (m.RouterStatus,), "Router heartbeats.", "send"),
     ]
 

@@ -90,3 +90,15 @@ def test_sharegpt_file(tmp_path, tiny) -> None:  # type: ignore[no-untyped-def]
                                 {"conversations": [{"from": "human", "value": "hi"}]}]))
     samples = datasets.sharegpt(path, 10, tiny.tokenizer)
     assert len(samples) == 1 and samples[0].output_len > 4
+
+
+def test_salted_runs_share_nothing_across_runs_and_keep_prefixes_inside_one() -> None:
+    base = datasets.prefix_groups(6, groups=2, prefix_len=32, suffix_len="fixed:8", output_len="fixed:4", seed=1)
+    a, b = datasets.salted(base, "run-a"), datasets.salted(base, "run-b")
+    assert [len(s.prompt_token_ids) for s in a] == [len(s.prompt_token_ids) + 2 for s in base]
+    assert all(x.prompt_token_ids[2:] == s.prompt_token_ids and x.output_len == s.output_len
+               for x, s in zip(a, base, strict=True))
+    assert a[0].prompt_token_ids[:2] != b[0].prompt_token_ids[:2]  # a different head: no page hash in common
+    assert datasets.salted(base, "run-a") == a  # deterministic
+    shared = {tuple(s.prompt_token_ids[:34]) for s in a}
+    assert len(shared) == 2  # the two shared prefixes are still shared within the run

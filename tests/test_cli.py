@@ -42,3 +42,10 @@ def test_schema_export_check_fails_on_drift(tmp_path) -> None:  # type: ignore[n
     (tmp_path / "asyncapi.json").write_text("{}")
     out = _run("schema", "export", "--check", "--out", str(tmp_path))
     assert out.returncode == 1 and "asyncapi.json" in out.stderr
+
+
+def test_engine_refuses_an_attention_backend_that_cannot_run_here() -> None:
+    """Refused up front, with the reason, before any model is loaded or bus dialled."""
+    out = _run("engine", "--attention", "flashinfer", "--nats", "nats://127.0.0.1:1")
+    assert out.returncode == 2
+    assert "--attention flashinfer" in out.stdout and "CUDA" in out.stdout

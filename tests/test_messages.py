@@ -45,6 +45,8 @@ SAMPLES: dict[type, msgspec.Struct] = {
     m.KVChunk: m.KVChunk(request_id="r1", layer=1, begin=0, end=2, data=b"\x00\x01" * 8),
     m.KVCommit: m.KVCommit(request_id="r1", chunks=3, nbytes=99),
     m.KVCommitReply: m.KVCommitReply(request_id="r1", chunks=3),
+    m.NvshmemIdRequest: m.NvshmemIdRequest(group="g0", rank=1, world_size=2),
+    m.NvshmemId: m.NvshmemId(group="g0", world_size=2, unique_id=bytes(range(128))),
     m.EngineStatus: m.EngineStatus(engine_id="e1", model="smol", roles=["prefill", "decode"], running=1, waiting=2,
                                    parked=0, free_pages=10, total_pages=20, page_size=16, max_model_len=8192,
                                    transports=["shm", "bus"], prefix_hit_rate=0.5),

@@ -16,6 +16,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-groups", type=int, default=4, help="prefix dataset: distinct shared prefixes")
     g.add_argument("--prefix-len", type=int, default=512, help="prefix dataset: shared prefix length")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--reuse-prompts", action="store_true",
+                   help="send the very same prompts in every run (by default each run's prompts get a unique "
+                        "2-token head, so no run hits prefix-cache entries left by an earlier run)")
     g = p.add_argument_group("load")
     g.add_argument("--rate", type=float, default=float("inf"), help="requests per second (default: all at once)")
     g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier")

@@ -49,6 +49,16 @@ def _tokens(rng: random.Random, n: int) -> list[int]:
     return [rng.randint(VOCAB_LO, VOCAB_HI) for _ in range(n)]
 
 
+def salted(samples: list[Sample], salt: str) -> list[Sample]:
+    """The same requests behind a 2-token head unique to ``salt``.
+
+    Benchmarks replay one request list per strategy; without this, every run after the first would be served from
+    the prefix cache the runs before it filled. Prefixes shared inside a run stay shared.
+    """
+    head = _tokens(random.Random(f"salt:{salt}"), 2)
+    return [Sample(head + s.prompt_token_ids, s.output_len, s.kind) for s in samples]
+
+
 def synthetic(n: int, input_len: str, output_len: str, seed: int = 0, kind: str = "synthetic") -> list[Sample]:
     rng = random.Random(seed)
     lin, lout = length_sampler(input_len, rng), length_sampler(output_len, rng)

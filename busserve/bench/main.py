@@ -65,9 +65,14 @@ async def set_strategy(bus: Bus, name: str, params: dict[str, StrategyParam]) ->
 
 
 async def bench_once(send: Sender, samples: list[datasets.Sample], load: LoadConfig, warmup: int,
-                     progress: bool, label: str, slo: SLO | None) -> dict[str, Any]:
+                     progress: bool, label: str, slo: SLO | None, salt: str | None = None) -> dict[str, Any]:
+    """One measured run. With ``salt``, the run's prompts (and, separately, the warm-up's) are made unique to it,
+    so no run is served from a prefix cache another run filled."""
     if warmup:
-        await run_load(samples[:warmup], send, LoadConfig(max_concurrency=warmup, timeout_s=load.timeout_s))
+        warm = samples[:warmup] if salt is None else datasets.salted(samples[:warmup], f"{salt}:warmup")
+        await run_load(warm, send, LoadConfig(max_concurrency=warmup, timeout_s=load.timeout_s))
+    if salt is not None:
+        samples = datasets.salted(samples, salt)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -118,12 +123,13 @@ async def _main(args: argparse.Namespace) -> int:
     try:
         send = http_sender(args.http, args.model, args.timeout) if args.http else bus_sender(bus, args.timeout)
         strategies = [parse_strategy(s) for s in args.strategy] or [("", {})]
-        for name, params in strategies:
+        for i, (name, params) in enumerate(strategies):
             label = "active strategy"
             if name:
                 state = await set_strategy(bus, name, params)
                 label = strategy_label(state.name, state.params)
-            runs.append(await bench_once(send, samples, load, args.warmup, not args.no_progress, label, slo))
+            salt = None if args.reuse_prompts else f"{time.time_ns()}:{i}"
+            runs.append(await bench_once(send, samples, load, args.warmup, not args.no_progress, label, slo, salt))
     finally:
         await bus.close()
     print(format_table(runs))

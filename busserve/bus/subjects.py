@@ -92,6 +92,9 @@ class Subjects:
     def kv_data(self, engine_id: str) -> str:
         return f"{self.root}.kv.{_token(engine_id, 'engine id')}"
 
+    def nvshmem_bootstrap(self, group: str) -> str:
+        return f"{self.root}.nvshmem.{_token(group, 'nvshmem group')}.id"
+
     # routers
     def routers_status(self) -> str:
         return f"{self.root}.routers.status"

@@ -6,12 +6,11 @@ per step by the runner), so this function can
 
 1. write the new K/V of every token of the step into the paged pool at ``slot_mapping`` (the "append" op);
 2. tell the layer hook that this layer's KV is in place — the eager, per-layer KV sends hang off this hook;
-3. attend: all decoding sequences in one batched SDPA over their gathered, padded context (GQA folded into the
-   query axis so no K/V head is repeated), and each prefill chunk in its own SDPA (causal, aligned to the end of
-   its context when earlier tokens come from the cache).
+3. attend: all decoding sequences at once through the decode backend (``attention_backends.py``: torch SDPA over
+   the gathered context on CPU, Triton or flashinfer paged kernels on GPU), and each prefill chunk in its own SDPA
+   (causal, aligned to the end of its context when earlier tokens come from the cache).
 
 The batch is flat: ``query`` is ``[1, heads, tokens, head_dim]`` with the tokens of all sequences side by side.
-This is the CPU (torch) path; a GPU backend (flashinfer) replaces ``paged_attention`` behind the same metadata.
 """
 
 from __future__ import annotations
@@ -24,23 +23,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from busserve.engine.attention_backends import DecodeBackend, DecodeGroup, TorchDecode
 from busserve.kv.storage import KVStorage
 
 ATTN_IMPLEMENTATION = "busserve_paged"
-
-
-@dataclass
-class DecodeGroup:
-    """Sequences that compute one token this step, attended together over a padded context."""
-
-    token_index: torch.Tensor  # [B] position of each sequence's token in the flat batch
-    slots: torch.Tensor  # [B * max_len] context slots, row-major, padded with slot 0
-    mask: torch.Tensor | None  # [B, 1, 1, max_len] True where a context position is real; None: all are
-    max_len: int
-
-    @property
-    def size(self) -> int:
-        return int(self.token_index.numel())
 
 
 @dataclass
@@ -58,6 +44,7 @@ class AttentionMetadata:
     decode: DecodeGroup | None
     prefills: list[PrefillChunk]
     layer_hook: Callable[[int], None] | None = None
+    decode_backend: DecodeBackend = field(default_factory=TorchDecode)  # prepared on ``decode`` by the runner
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,7 +61,6 @@ def paged_attention(
     meta: AttentionMetadata = kwargs["busserve_attn"]
     layer: int = module.layer_idx  # type: ignore[assignment]
     _, num_heads, num_tokens, head_dim = query.shape
-    num_kv = key.shape[1]
     k_new = key[0].transpose(0, 1)  # [tokens, kv_heads, head_dim]
     v_new = value[0].transpose(0, 1)
     k_cache, v_cache = meta.kv.layer_kv(layer)
@@ -88,13 +74,8 @@ def paged_attention(
 
     if meta.decode is not None:
         d = meta.decode
-        b, group = d.size, num_heads // num_kv
-        # [heads, B, D] -> [B, kv_heads, group, D]: the heads sharing a K/V head become its "query length".
-        qd = q[:, d.token_index, :].view(num_kv, group, b, head_dim).permute(2, 0, 1, 3)
-        kd = k_cache.index_select(0, d.slots).view(b, d.max_len, num_kv, head_dim).permute(0, 2, 1, 3)
-        vd = v_cache.index_select(0, d.slots).view(b, d.max_len, num_kv, head_dim).permute(0, 2, 1, 3)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scaling)
-        out[d.token_index] = od.reshape(b, num_heads, head_dim)
+        qd = q[:, d.token_index, :].transpose(0, 1)  # [B, heads, head_dim]
+        out[d.token_index] = meta.decode_backend.run(qd, k_cache, v_cache, d, scaling)
 
     for c in meta.prefills:
         qs = q[:, c.q_start : c.q_start + c.q_len, :].unsqueeze(0)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from busserve.bus.codec import ContentType
+from busserve.engine.attention_backends import select_backend
 from busserve.engine.detokenizer import Detokenizer
 from busserve.engine.model_loader import LoadedModel
 from busserve.engine.requests import (
@@ -82,6 +83,7 @@ class EngineConfig:
     max_model_len: int | None = None
     transports: list[str] = field(default_factory=lambda: ["shm", "bus"])
     shm_kv: bool = True  # keep the pool in /dev/shm (needed to receive over shm)
+    attention: str = "auto"  # decode-attention backend: auto, torch, triton, flashinfer (engine/attention_backends.py)
 
 
 @dataclass
@@ -115,7 +117,9 @@ class EngineCore:
                             max_running=config.max_running, max_model_len=self.max_model_len),
             self.allocator, self.cache,
         )
-        self.runner = ModelRunner(loaded, self.kv)
+        self.runner = ModelRunner(loaded, self.kv, select_backend(
+            config.attention, device, num_heads=int(loaded.model.config.num_attention_heads),
+            num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=dtype))
         self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self.transfer_executor = ThreadPoolExecutor(1, thread_name_prefix=f"kv-transfer-{config.engine_id}")
         self.transports: dict[str, KVTransport] = {}

@@ -15,6 +15,7 @@ import torch
 from busserve.bus.background import BackgroundLoop
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
+from busserve.engine.attention_backends import unavailable_reason
 from busserve.engine.engine_core import EngineConfig, EngineCore
 from busserve.engine.model_loader import LoadedModel, load_model, resolve_dtype
 from busserve.engine.runner import kv_layout_for
@@ -51,6 +52,7 @@ class EngineOptions:
     roles: tuple[str, ...] = ("prefill", "decode")
     metrics_port: int = 0
     metrics_host: str = "0.0.0.0"
+    attention: str = "auto"
 
 
 def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> EngineCore:
@@ -66,7 +68,7 @@ def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> Engine
     config = EngineConfig(
         engine_id=opts.engine_id, page_size=opts.page_size, num_pages=num_pages, max_batch_tokens=budget,
         max_running=opts.max_running, max_model_len=opts.max_model_len, transports=list(opts.transports),
-        shm_kv="shm" in opts.transports and opts.device == "cpu",
+        shm_kv="shm" in opts.transports and opts.device == "cpu", attention=opts.attention,
     )
     return EngineCore(config, loaded, emit=lambda outs: None)
 
@@ -111,6 +113,7 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         max_batch_tokens=args.max_batch_tokens, max_running=args.max_running, max_model_len=args.max_model_len,
         threads=args.threads, transports=tuple(args.transport or ("shm", "bus")),
         roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()), metrics_port=args.metrics_port,
+        attention=args.attention,
     )
 
 
@@ -121,6 +124,11 @@ def run_engine_command(args: argparse.Namespace) -> int:
     bad = [r for r in opts.roles if r not in ("prefill", "decode")]
     if bad:
         print(f"unknown role(s) {bad}; use prefill, decode", flush=True)
+        return 2
+    # Refuse an attention backend that cannot run here before spending seconds on loading the model.
+    reason = None if opts.attention == "auto" else unavailable_reason(opts.attention, torch.device(opts.device))
+    if reason is not None:
+        print(f"busserve engine: --attention {opts.attention}: {reason}", flush=True)
         return 2
     cfg = bus_config(args)
     try:

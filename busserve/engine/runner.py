@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from busserve.engine.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from busserve.engine.attention import AttentionMetadata, PrefillChunk
+from busserve.engine.attention_backends import DecodeBackend, DecodeGroup, TorchDecode
 from busserve.engine.model_loader import LoadedModel
 from busserve.engine.scheduler import Batch
 from busserve.engine.sequence import Sequence
@@ -29,8 +30,9 @@ def kv_layout_for(loaded: LoadedModel, num_pages: int, page_size: int, dtype: to
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, kv: KVStorage) -> None:
+    def __init__(self, loaded: LoadedModel, kv: KVStorage, decode_backend: DecodeBackend | None = None) -> None:
         self.model = loaded.model
+        self.decode_backend = decode_backend or TorchDecode()
         self.kv = kv
         self.page_size = kv.layout.page_size
         self.device = next(self.model.parameters()).device
@@ -75,17 +77,11 @@ class ModelRunner:
             for r, pages in enumerate(dec_pages):
                 k = min(len(pages), max_pages)
                 table[r, :k] = pages[:k]
-            pos = torch.arange(max_len)
-            slots = table[:, pos // self.page_size] * self.page_size + pos % self.page_size
-            # Rows of one length (always so for a single sequence) need no mask.
-            mask = None
-            if min(dec_ctx) != max_len:
-                lens = torch.tensor(dec_ctx)
-                mask = (pos.unsqueeze(0) < lens.unsqueeze(1)).view(len(dec_index), 1, 1, max_len)
-            decode = DecodeGroup(token_index=torch.tensor(dec_index), slots=slots.reshape(-1), mask=mask,
-                                 max_len=max_len)
+            decode = DecodeGroup(token_index=torch.tensor(dec_index), page_table=table,
+                                 context_lens=torch.tensor(dec_ctx), page_size=self.page_size, max_len=max_len)
+            self.decode_backend.prepare(decode)
         meta = AttentionMetadata(kv=self.kv, slot_mapping=torch.cat(slot_parts), decode=decode, prefills=prefills,
-                                 layer_hook=layer_hook)
+                                 layer_hook=layer_hook, decode_backend=self.decode_backend)
         return torch.tensor(ids, dtype=torch.long), torch.cat(positions), meta
 
     @torch.inference_mode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -93,3 +94,57 @@ def test_load_tracker_counts_requests_prefill_and_decodes() -> None:
     assert (t.get("d"), t.decoding("d")) == (0, 0)
     t.release(req)  # idempotent
     assert t.get("d") == 0 and t.decoding("d") == 0
+
+
+def _eload(eid: str, backlog: int = 0, decoding: int = 0, rate: float = 0.0, cached: int = 0,
+           roles: tuple[bool, bool] = (True, True)):  # type: ignore[no-untyped-def]
+    from busserve.router.strategies.adaptive import EngineLoad
+
+    return EngineLoad(id=eid, can_prefill=roles[0], can_decode=roles[1], backlog=backlog, decoding=decoding,
+                      prefill_rate=rate, cached=cached)
+
+
+def test_adaptive_plans_by_cost() -> None:
+    from busserve.router.strategies.adaptive import plan
+
+    speeds = {"prefill_tokens_per_s": 1000.0, "decode_step_ms": 90.0}
+    # Idle cluster: the whole request on one engine — a hop would only add a step.
+    p = plan(1024, 32, [_eload("a"), _eload("b")], **speeds)
+    assert p.data_parallel and p.decode == "a"
+    # "a" is busy decoding four requests and "b" is the engine prefills have been going to: prefill on "b" (its
+    # decoders are not stalled by it) and decode on "a" (its steps are not shared with prefills).
+    p = plan(1024, 32, [_eload("a", decoding=4), _eload("b", rate=600.0)], **speeds)
+    assert (p.prefill, p.decode, p.end, p.f) == ("b", "a", 1023, 0.0)
+    # "b" is backed up with prefills: the request goes wholly to "a", whose one decoder waits less than it would.
+    p = plan(1024, 32, [_eload("a", decoding=1), _eload("b", backlog=4000, rate=600.0)], **speeds)
+    assert p.data_parallel and p.decode == "a"
+    # Engines spend most of their time prefilling: the one with the most decoders becomes the decode engine, fed
+    # by the other (spreading would price best for this request alone, and stretch every decode step).
+    busy = [_eload("a", backlog=500, decoding=3, rate=500.0), _eload("b", backlog=500, decoding=2, rate=500.0)]
+    assert plan(1024, 32, busy, **speeds, specialize_at=1.0).data_parallel  # without specializing: spread
+    p = plan(1024, 32, busy, **speeds)
+    assert (p.prefill, p.decode, p.f) == ("b", "a", 0.0)
+    # Both sides queue prefill and the prefill side has more decoders to protect: split the prompt (balanced PD).
+    p = plan(1024, 32, [_eload("a", backlog=1000, decoding=2, rate=300.0),
+                        _eload("b", backlog=2000, decoding=1, rate=300.0)], **speeds, specialize_at=1.0)
+    assert (p.prefill, p.decode, p.f, p.end) == ("a", "b", 0.3, 716)
+    # A cached prefix is work not done: the engine holding it wins at equal load.
+    p = plan(1024, 32, [_eload("a"), _eload("b", cached=960)], **speeds)
+    assert p.data_parallel and p.decode == "b"
+    # Roles are respected.
+    p = plan(1024, 32, [_eload("a", roles=(True, False)), _eload("b", roles=(False, True))], **speeds)
+    assert (p.prefill, p.decode) == ("a", "b")
+    with pytest.raises(NoEngine):
+        plan(1024, 32, [_eload("a", roles=(True, False))], **speeds)
+
+
+def test_load_tracker_prefill_rate_decays() -> None:
+    from busserve.router.cluster import LoadTracker
+
+    t = LoadTracker()
+    req = _req(list(range(10)))
+    t.charge_prefill(req, "p", 1000)
+    assert t.prefill_rate("p") == pytest.approx(1000 / LoadTracker.RATE_WINDOW_S, rel=0.01)
+    t._rate["p"] = (t._rate["p"][0], t._rate["p"][1] - LoadTracker.RATE_WINDOW_S)  # ten seconds later
+    assert t.prefill_rate("p") == pytest.approx(100 / math.e, rel=0.01)
+    assert t.prefill_rate("never") == 0.0

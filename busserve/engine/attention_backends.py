@@ -1,0 +1,181 @@
+"""Decode-attention backends: how each decoding sequence's one new token attends over its paged context.
+
+The runner describes the step's decoding sequences once as a ``DecodeGroup`` (page table, context lengths); the
+backend turns that into what its kernel needs in ``prepare`` (once per step, not per layer) and attends in ``run``
+(once per layer). Prefill chunks always take the SDPA path in ``engine/attention.py``.
+
+* ``torch`` — the CPU default: gather each context into a padded batch and run one SDPA with GQA folded into the
+  query axis. Fast on CPU because the gather is a single ``index_select``.
+* ``triton`` — busserve's own paged decode kernel (``triton_kernels/paged_attention.py``): reads K/V straight from
+  the pages, no padded copy. The GPU path when flashinfer is absent; on a CPU it runs only under the Triton
+  interpreter (``TRITON_INTERPRET=1``), which the tests use to prove the engine gives the same tokens through it.
+* ``flashinfer`` — flashinfer's ``BatchDecodeWithPagedKVCacheWrapper`` (CUDA only) over the same pages: our flat
+  ``[slots, kv_heads, head_dim]`` layer view is flashinfer's NHD layout once viewed as
+  ``[pages, page_size, kv_heads, head_dim]``; ``flashinfer_page_metadata`` builds its CSR page table.
+
+``select_backend`` picks one by name (``auto``: flashinfer on CUDA when installed, else triton on CUDA, torch on
+CPU) and refuses a backend that cannot run here with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "torch", "triton", "flashinfer")
+
+
+@dataclass
+class DecodeGroup:
+    """Sequences that compute one token this step."""
+
+    token_index: torch.Tensor  # [B] position of each sequence's token in the flat batch
+    page_table: torch.Tensor  # [B, max_pages] page ids; entries past a sequence's context are never read
+    context_lens: torch.Tensor  # [B] positions attended to, the new token's included
+    page_size: int
+    max_len: int  # the longest context (read once per step, not per layer)
+    state: dict[str, Any] = field(default_factory=dict)  # what the backend's prepare() built for this step
+
+    @property
+    def size(self) -> int:
+        return int(self.token_index.numel())
+
+
+class DecodeBackend(Protocol):
+    name: str
+
+    def prepare(self, group: DecodeGroup) -> None:
+        """Once per step: build the per-step state (indices, masks, kernel plans) on ``group.state``."""
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
+            scale: float | None) -> torch.Tensor:
+        """``q``: [B, heads, head_dim]; caches: one layer's flat [slots, kv_heads, head_dim]. Returns like q."""
+
+
+class TorchDecode:
+    name = "torch"
+
+    def prepare(self, group: DecodeGroup) -> None:
+        max_len = group.max_len
+        pos = torch.arange(max_len, device=group.page_table.device)
+        slots = group.page_table[:, pos // group.page_size] * group.page_size + pos % group.page_size
+        group.state["slots"] = slots.reshape(-1)
+        # Rows of one length (always so for a single sequence) need no mask.
+        if int(group.context_lens.min()) != max_len:
+            mask = pos.unsqueeze(0) < group.context_lens.unsqueeze(1)
+            group.state["mask"] = mask.view(group.size, 1, 1, max_len)
+        else:
+            group.state["mask"] = None
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
+            scale: float | None) -> torch.Tensor:
+        b, heads, dim = q.shape
+        kv_heads = k_cache.shape[1]
+        max_len = group.max_len
+        # [B, heads, D] -> [B, kv_heads, group, D]: the heads sharing a K/V head become its "query length".
+        qd = q.reshape(b, kv_heads, heads // kv_heads, dim)
+        slots = group.state["slots"]
+        kd = k_cache.index_select(0, slots).view(b, max_len, kv_heads, dim).permute(0, 2, 1, 3)
+        vd = v_cache.index_select(0, slots).view(b, max_len, kv_heads, dim).permute(0, 2, 1, 3)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.state["mask"], scale=scale)
+        return od.reshape(b, heads, dim)
+
+
+class TritonDecode:
+    name = "triton"
+
+    def __init__(self) -> None:
+        from busserve.triton_kernels.paged_attention import paged_decode
+
+        self._kernel = paged_decode
+
+    def prepare(self, group: DecodeGroup) -> None:
+        group.state["table"] = group.page_table.to(torch.int32).contiguous()
+        group.state["lens"] = group.context_lens.to(torch.int32).contiguous()
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
+            scale: float | None) -> torch.Tensor:
+        return self._kernel(q, k_cache, v_cache, group.state["table"], group.state["lens"], group.page_size,
+                            scale=scale)
+
+
+def flashinfer_page_metadata(page_table: torch.Tensor, context_lens: torch.Tensor, page_size: int
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """flashinfer's CSR page table: (indptr [B+1], indices [sum pages], last_page_len [B]), all int32.
+
+    Sequence b owns ``indices[indptr[b]:indptr[b+1]]``, and its last page holds ``last_page_len[b]`` (1..page_size)
+    positions.
+    """
+    pages_per_seq = (context_lens + page_size - 1) // page_size
+    indptr = torch.zeros(len(context_lens) + 1, dtype=torch.int32, device=page_table.device)
+    indptr[1:] = torch.cumsum(pages_per_seq, 0)
+    used = torch.arange(page_table.shape[1], device=page_table.device).unsqueeze(0) < pages_per_seq.unsqueeze(1)
+    indices = page_table[used].to(torch.int32)  # row-major: each sequence's pages in order
+    last_page_len = (context_lens - 1) % page_size + 1
+    return indptr, indices, last_page_len.to(torch.int32)
+
+
+class FlashInferDecode:
+    name = "flashinfer"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, workspace_bytes: int = 128 << 20) -> None:
+        import flashinfer
+
+        self.num_heads, self.num_kv_heads, self.head_dim, self.dtype = num_heads, num_kv_heads, head_dim, dtype
+        workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
+        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+
+    def prepare(self, group: DecodeGroup) -> None:
+        indptr, indices, last = flashinfer_page_metadata(group.page_table, group.context_lens, group.page_size)
+        self.wrapper.plan(indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, group.page_size,
+                          pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype)
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
+            scale: float | None) -> torch.Tensor:
+        paged = (k_cache.view(-1, group.page_size, *k_cache.shape[1:]),
+                 v_cache.view(-1, group.page_size, *v_cache.shape[1:]))
+        return self.wrapper.run(q.contiguous(), paged)
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device``, or None if it can."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton kernels need a GPU (on a CPU only the interpreter runs them: TRITON_INTERPRET=1)"
+        return None
+    if name == "flashinfer":
+        if device.type != "cuda":
+            return "flashinfer runs on CUDA devices only"
+        if importlib.util.find_spec("flashinfer") is None:
+            return "flashinfer is not installed (pip install 'busserve[gpu]')"
+        return None
+    return f"unknown attention backend {name!r} (choose from {', '.join(BACKENDS)})"
+
+
+def select_backend(name: str, device: torch.device, *, num_heads: int, num_kv_heads: int, head_dim: int,
+                   dtype: torch.dtype) -> DecodeBackend:
+    if name == "auto":
+        if device.type != "cuda":
+            name = "torch"
+        else:
+            name = "flashinfer" if unavailable_reason("flashinfer", device) is None else "triton"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailable(f"attention backend {name!r} cannot run here: {reason}")
+    if name == "triton":
+        return TritonDecode()
+    if name == "flashinfer":
+        return FlashInferDecode(num_heads, num_kv_heads, head_dim, dtype, device)
+    return TorchDecode()
