@@ -457,16 +457,20 @@ class EngineCore:
         self._tombstone(msg.request_id)
         return AbortReply(request_id=msg.request_id, found=found, notified=notified, terminated=terminated)
 
+    def _check_model_and_end(self, rid: str, model: str, end: int, prompt_len: int) -> Error | None:
+        """What prep_recv and remote_send both check first: the model asked for, and end within the prompt."""
+        if model and model != self.loaded.name:
+            return Error(code="unknown_model", field="model", request_id=rid,
+                         message=f"this engine serves {self.loaded.name!r}, not {model!r}")
+        if end > prompt_len:
+            return Error(code="invalid_request", field="end", request_id=rid,
+                         message=f"end {end} is beyond the prompt ({prompt_len} tokens)")
+        return None
+
     def _on_prep_recv(self, msg: PrepRecv, cmd: ActionCmd) -> PrepRecvReply | Error:
         rid = msg.request_id
         n = len(msg.prompt_token_ids)
-        if msg.model and msg.model != self.loaded.name:
-            return Error(code="unknown_model", field="model", request_id=rid,
-                         message=f"this engine serves {self.loaded.name!r}, not {msg.model!r}")
-        if msg.end > n:
-            return Error(code="invalid_request", field="end", request_id=rid,
-                         message=f"end {msg.end} is beyond the prompt ({n} tokens)")
-        err = self._check_prompt(rid, n)
+        err = self._check_model_and_end(rid, msg.model, msg.end, n) or self._check_prompt(rid, n)
         if err is not None:
             return err
         if rid in self.tombstones:
@@ -522,13 +526,9 @@ class EngineCore:
     def _on_remote_send(self, msg: RemoteSend, cmd: ActionCmd) -> Error | None:
         rid = msg.request_id
         addr = msg.kv_addr
-        n = len(msg.prompt_token_ids)
-        if msg.model and msg.model != self.loaded.name:
-            return Error(code="unknown_model", field="model", request_id=rid,
-                         message=f"this engine serves {self.loaded.name!r}, not {msg.model!r}")
-        if msg.end > n:
-            return Error(code="invalid_request", field="end", request_id=rid,
-                         message=f"end {msg.end} is beyond the prompt ({n} tokens)")
+        err = self._check_model_and_end(rid, msg.model, msg.end, len(msg.prompt_token_ids))
+        if err is not None:
+            return err
         if addr.request_id != rid:
             return Error(code="invalid_request", field="kv_addr.request_id", request_id=rid,
                          message=f"kv_addr was reserved for request {addr.request_id}, not {rid}")
