@@ -12,6 +12,10 @@ Each (workload, rate) runs every strategy on the same requests (same lengths, sa
 each run's prompts get their own 2-token head (``datasets.salted``) so that no strategy is served from the prefix
 cache an earlier run filled. Results go to
 ``<out>/<workload>_<rate>.json`` and ``.png`` (latency CDFs) and a Markdown table to stdout.
+
+``--strategy`` runs only the strategies named and merges them into the stored results at the stored rates (a label
+measured before comes back as "(again)", or replaces the stored run with ``--replace LABEL``); ``--capacity-from
+DIR`` reuses another run's capacities, for longer runs (``--num-prompts``) at the same request rates.
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ async def run(cluster: ProcessCluster, args: argparse.Namespace) -> list[str]:
             make = WORKLOADS[workload]
             earlier = {load: _load_json(args.out, workload, load) for load in _loads(args)}
             # Added runs (--strategy) reuse the stored rates, so they see exactly the earlier runs' workload.
-            cap = next((e["capacity"] for e in earlier.values() if e), None) or await capacity(bus, make)
+            cap = (next((e["capacity"] for e in earlier.values() if e), None) or _stored_capacity(args, workload)
+                   or await capacity(bus, make))
             print(f"{workload}: capacity {cap:.3f} req/s", file=sys.stderr, flush=True)
             for load in _loads(args):
                 rate = earlier[load]["rate"] if earlier[load] else round(load * cap, 3)
@@ -83,7 +88,7 @@ async def run(cluster: ProcessCluster, args: argparse.Namespace) -> list[str]:
                     await set_roles(bus, ROLES_BY_STRATEGY.get(name, BOTH))
                     state = await set_strategy(bus, name, params)
                     label = strategy_label(state.name, state.params)
-                    if args.strategy and label in stored:
+                    if args.strategy and label in stored and label not in args.replace:
                         # Measured again beside newly added strategies: kept next to the first run, whose
                         # difference from it is the drift between the two invocations.
                         label += " (again)"
@@ -108,6 +113,15 @@ async def run(cluster: ProcessCluster, args: argparse.Namespace) -> list[str]:
 
 def _loads(args: argparse.Namespace) -> list[float]:
     return [float(x) for x in args.load.split(",")]
+
+
+def _stored_capacity(args: argparse.Namespace, workload: str) -> float | None:
+    """The capacity an earlier experiment measured for this workload (``--capacity-from``), so that a longer or
+    repeated run offers the same request rates."""
+    if not args.capacity_from:
+        return None
+    return next((float(json.loads(p.read_text())["capacity"])
+                 for p in sorted(Path(args.capacity_from).glob(f"{workload}_*.json"))), None)
 
 
 def _stem(out: str, workload: str, load: float) -> Path:
@@ -154,6 +168,11 @@ def main() -> int:
     ap.add_argument("--strategy", action="append", default=[], metavar="NAME[:k=v,...]",
                     help="run only these (repeat the flag) and merge them into the stored results of the same "
                          "workloads and rates")
+    ap.add_argument("--replace", action="append", default=[], metavar="LABEL",
+                    help="with --strategy: this label's stored run is replaced (its code changed), not kept beside "
+                         "the new one as '(again)'")
+    ap.add_argument("--capacity-from", metavar="DIR", help="take each workload's capacity from results stored in "
+                    "DIR instead of measuring it")
     ap.add_argument("--out", default=".bench/paper")
     ap.add_argument("--report", action="store_true", help="print the tables of stored results and exit")
     args = ap.parse_args()

@@ -96,46 +96,61 @@ def test_load_tracker_counts_requests_prefill_and_decodes() -> None:
     assert t.get("d") == 0 and t.decoding("d") == 0
 
 
-def _eload(eid: str, backlog: int = 0, decoding: int = 0, rate: float = 0.0, cached: int = 0,
+def _eload(eid: str, backlog: int = 0, decoding: int = 0, rate: float = 0.0, cached: int = 0, requests: float = 0,
            roles: tuple[bool, bool] = (True, True)):  # type: ignore[no-untyped-def]
     from busserve.router.strategies.adaptive import EngineLoad
 
-    return EngineLoad(id=eid, can_prefill=roles[0], can_decode=roles[1], backlog=backlog, decoding=decoding,
-                      prefill_rate=rate, cached=cached)
+    return EngineLoad(id=eid, can_prefill=roles[0], can_decode=roles[1], requests=requests, backlog=backlog,
+                      decoding=decoding, prefill_rate=rate, cached=cached)
 
 
-def test_adaptive_plans_by_cost() -> None:
+def test_adaptive_splits_dual_role_engines_by_id() -> None:
+    from busserve.router.strategies.adaptive import sides
+
+    prefill, decode = sides([_eload("c"), _eload("a"), _eload("b"), _eload("d")])
+    assert [e.id for e in prefill] == ["a", "b"] and [e.id for e in decode] == ["c", "d"]
+    prefill, decode = sides([_eload("b"), _eload("a"), _eload("c")])
+    assert [e.id for e in prefill] == ["a", "b"] and [e.id for e in decode] == ["c"]
+    # Operator roles win over the split.
+    prefill, decode = sides([_eload("a", roles=(True, False)), _eload("b", roles=(False, True))])
+    assert [e.id for e in decode] == ["b"] and [e.id for e in prefill] == ["a"]
+
+
+def test_adaptive_plans_per_request() -> None:
     from busserve.router.strategies.adaptive import plan
 
-    speeds = {"prefill_tokens_per_s": 1000.0, "decode_step_ms": 90.0}
-    # Idle cluster: the whole request on one engine — a hop would only add a step.
-    p = plan(1024, 32, [_eload("a"), _eload("b")], **speeds)
+    # Two engines that do both: "a" is the prefill side, "b" the decode side.
+    # Short prompts run whole on the least-loaded engine, on either side: chat is data parallel.
+    p = plan(128, [_eload("a", requests=1), _eload("b", requests=2)])
     assert p.data_parallel and p.decode == "a"
-    # "a" is busy decoding four requests and "b" is the engine prefills have been going to: prefill on "b" (its
-    # decoders are not stalled by it) and decode on "a" (its steps are not shared with prefills).
-    p = plan(1024, 32, [_eload("a", decoding=4), _eload("b", rate=600.0)], **speeds)
-    assert (p.prefill, p.decode, p.end, p.f) == ("b", "a", 1023, 0.0)
-    # "b" is backed up with prefills: the request goes wholly to "a", whose one decoder waits less than it would.
-    p = plan(1024, 32, [_eload("a", decoding=1), _eload("b", backlog=4000, rate=600.0)], **speeds)
-    assert p.data_parallel and p.decode == "a"
-    # Engines spend most of their time prefilling: the one with the most decoders becomes the decode engine, fed
-    # by the other (spreading would price best for this request alone, and stretch every decode step).
-    busy = [_eload("a", backlog=500, decoding=3, rate=500.0), _eload("b", backlog=500, decoding=2, rate=500.0)]
-    assert plan(1024, 32, busy, **speeds, specialize_at=1.0).data_parallel  # without specializing: spread
-    p = plan(1024, 32, busy, **speeds)
-    assert (p.prefill, p.decode, p.f) == ("b", "a", 0.0)
-    # Both sides queue prefill and the prefill side has more decoders to protect: split the prompt (balanced PD).
-    p = plan(1024, 32, [_eload("a", backlog=1000, decoding=2, rate=300.0),
-                        _eload("b", backlog=2000, decoding=1, rate=300.0)], **speeds, specialize_at=1.0)
-    assert (p.prefill, p.decode, p.f, p.end) == ("a", "b", 0.3, 716)
-    # A cached prefix is work not done: the engine holding it wins at equal load.
-    p = plan(1024, 32, [_eload("a"), _eload("b", cached=960)], **speeds)
+    p = plan(128, [_eload("a", requests=3, rate=400.0), _eload("b", requests=2)])
     assert p.data_parallel and p.decode == "b"
-    # Roles are respected.
-    p = plan(1024, 32, [_eload("a", roles=(True, False)), _eload("b", roles=(False, True))], **speeds)
-    assert (p.prefill, p.decode) == ("a", "b")
+    # Long prompts: prefill on "a", the last tenth and decode on "b" (balanced PD, f = 0.1)...
+    p = plan(1000, [_eload("a", rate=400.0), _eload("b", decoding=3)])
+    assert (p.prefill, p.decode, p.end, p.f) == ("a", "b", 900, 0.1)
+    # ...or plain PD while "b" already has prefill queued (the last tenth would wait behind it).
+    p = plan(1000, [_eload("a", rate=400.0), _eload("b", decoding=3, backlog=100)])
+    assert (p.prefill, p.decode, p.end, p.f) == ("a", "b", 999, 0.0)
+    assert plan(1000, [_eload("a"), _eload("b")], f=0.3).end == 700
+    # The prefill side's queue raises f: 2 s queued → 0.2, and never past f_max.
+    assert plan(1000, [_eload("a", backlog=2000), _eload("b")]).f == pytest.approx(0.2)
+    assert plan(1000, [_eload("a", backlog=20000), _eload("b")]).f == pytest.approx(0.3)
+    assert plan(1000, [_eload("a", backlog=2000), _eload("b")], f_per_queued_s=0).f == pytest.approx(0.1)
+    # A cached prefix shortens what is left: a long prompt mostly cached on "b" runs whole there.
+    p = plan(1000, [_eload("a"), _eload("b", cached=900)])
+    assert p.data_parallel and p.decode == "b"
+    # More engines: the decode side's ("c", "d") least-loaded decodes, the prefill side's soonest-free prefills.
+    p = plan(1000, [_eload("a", backlog=2000), _eload("b"), _eload("c", decoding=4), _eload("d", decoding=1)])
+    assert (p.prefill, p.decode) == ("b", "d")
+    # One engine: everything whole.
+    assert plan(1000, [_eload("a")]).data_parallel
+    # Operator roles are respected, short prompts too: a prefill-only engine never decodes.
+    roles = [_eload("a", roles=(True, False)), _eload("b", roles=(False, True))]
+    assert (plan(50, roles).prefill, plan(50, roles).decode) == ("a", "b")
     with pytest.raises(NoEngine):
-        plan(1024, 32, [_eload("a", roles=(True, False))], **speeds)
+        plan(1000, [_eload("a", roles=(True, False))])
+    with pytest.raises(NoEngine):
+        plan(1000, [_eload("b", roles=(False, True))])
 
 
 def test_load_tracker_prefill_rate_decays() -> None:

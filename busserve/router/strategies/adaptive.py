@@ -1,31 +1,31 @@
-"""Adaptive: per request, data parallel, PD or balanced PD — and the balance factor — by estimating what each
-choice costs, from the prompt length, the cached prefixes and the engines' current and recent work.
+"""Adaptive: per request, data parallel, PD or balanced PD — and the balance factor — from the prompt length, the
+cached prefixes and the engines' current and recent work.
 
-What the fixed strategies showed on the paper's experiment (docs/BENCHMARKS.md, issue #7): data parallel gives the
-best time to first token (prefill is spread over both engines) but decode steps that share an engine with another
-request's prefill chunk stall, which is what its P99 is made of; PD keeps decode steps clean but queues every
-prefill on one engine. Neither is right at every moment, so for each request this strategy prices every option —
-run it whole on engine E, or prefill ``[0, end)`` on P and the rest plus decode on D with ``end`` at f = 0, 0.1,
-0.2, 0.3 — and takes the cheapest, in seconds:
+What the fixed strategies measured on the paper's experiment (docs/BENCHMARKS.md, issue #7):
 
-* the request's own completion: P's queued prefill, its own prefill, the hop (one extra step on D), D's queue,
-  then ``max_tokens`` decode steps stretched by the share of time D is expected to spend prefilling others
-  (``Engine.prefill_rate`` over ``prefill_tokens_per_s``);
-* the harm it does: every request decoding on an engine waits while this request's prefill runs there.
+* long prompts stall every decode step that shares an engine with their prefill chunks — that is data parallel's
+  P99 on long inputs; PD keeps decode steps clean, and balanced PD at f = 0.1 does best of all (the decode engine
+  prefilling the last tenth takes that much off the prefill queue for one short stall); f >= 0.2 stalls too much;
+* short prompts (chat) are best served whole: a hop costs a decode step and halves the engines that prefill;
+* a request that decodes on an engine which then starts prefilling long prompts is the worst case of all. An
+  earlier version of this strategy priced each request alone and switched the cluster between "spread" and
+  "specialize" by load; the switch is exactly where such requests were made, and they set its P99.
 
-Priced one request at a time, spreading always wins — an idle engine is the quickest place for this request — and
-the cluster settles into data parallel even where PD is better for everyone. So once the engines spend more than
-``specialize_at`` of their time prefilling (from their recent prefill rates), decoding is kept on one engine (the
-one that has prefilled least lately, which keeps it so): prompts longer than ``short_prompt`` are disaggregated
-onto it from the others, with f from the same prices, and short ones may run whole on it when that costs its
-decoders less than waiting for the prefill side. The 0.35
-default sits between the loads where the fixed strategies measured data parallel and PD equal (0.29) and PD ahead
-(0.44).
+So the layout is fixed and the choice is per request. Among engines that may do both, the first half by id is the
+prefill side and the rest the decode side (the same on every router replica, no shared state; as ``busserve up
+--roles prefill --roles decode`` lays them out); roles set by an operator override this. Then, for each request:
 
-The costs need two speeds of the engines, ``prefill_tokens_per_s`` and ``decode_step_ms``; the defaults are what
-SmolLM2 on one core of the benchmark machine does (docs/BENCHMARKS.md) — set them for other hardware with
-``busserve strategy set adaptive --param decode_step_ms=...``. Roles are respected: prefill only on engines with
-the prefill role, decode only on those with the decode role.
+* **short** (at most ``short_prompt`` tokens left to compute on some engine, cached prefix included): whole, on the
+  least-loaded engine — data parallel;
+* **long**: prefill on the prefill side (the engine that reaches the request soonest, counting its cached prefix),
+  decode on the least-loaded decode engine, balance factor ``f`` plus ``f_per_queued_s`` per second of prefill
+  queued on the prefill side, at most ``f_max``: a fixed f lets the prefill queue grow without bound once the load
+  outruns one prefill engine. It drops to 0 while the decode engine already has prefill queued, since the tail
+  would wait behind it and stall its decoders twice.
+
+``prefill_tokens_per_s`` turns queued prompt tokens into seconds; the default is what SmolLM2 on one core of the
+benchmark machine prefills (docs/BENCHMARKS.md). Set it for other hardware with
+``busserve strategy set adaptive --param prefill_tokens_per_s=...``.
 """
 
 from __future__ import annotations
@@ -38,20 +38,18 @@ from busserve.router.cluster import Engine
 from busserve.router.strategies.common import disaggregate, run_on
 from busserve.router.strategy import Cluster, NoEngine, Request, strategy
 
-FACTORS = (0.0, 0.1, 0.2, 0.3)
-MAX_BUSY = 0.9  # never assume an engine prefills more than this share of the time (keeps the stretch finite)
-
 
 @dataclass(frozen=True)
 class EngineLoad:
-    """What the cost model reads of an engine."""
+    """What the choice reads of an engine."""
 
     id: str
     can_prefill: bool
     can_decode: bool
+    requests: float  # requests queued or running there
     backlog: int  # prompt tokens queued for prefill
     decoding: int  # requests decoding
-    prefill_rate: float  # prompt tokens/s sent here lately
+    prefill_rate: float  # prompt tokens/s sent there to prefill lately
     cached: int  # tokens of this request's prompt in its prefix cache
 
 
@@ -61,84 +59,76 @@ class Plan:
     decode: str
     end: int  # 0 for data parallel
     f: float
-    cost_s: float
 
     @property
     def data_parallel(self) -> bool:
         return self.prefill == self.decode
 
 
-def plan(prompt_len: int, max_tokens: int, engines: Sequence[EngineLoad], *, prefill_tokens_per_s: float,
-         decode_step_ms: float, harm_weight: float = 1.0, specialize_at: float = 0.35,
-         short_prompt: int = 256) -> Plan:
-    """The cheapest way to serve one request. Pure: unit-tested without a bus."""
-    tau = 1.0 / prefill_tokens_per_s
-    step = decode_step_ms / 1000.0
-    n_out = max(1, min(max_tokens, 4096))
+def sides(engines: Sequence[EngineLoad]) -> tuple[list[EngineLoad], list[EngineLoad]]:
+    """(prefill side, decode side). Operator roles win; engines that do both are split in two halves by id, the
+    first (larger, when odd) half prefilling — as ``busserve up --roles prefill --roles decode`` lays them out."""
+    prefill_only = [e for e in engines if e.can_prefill and not e.can_decode]
+    decode_only = [e for e in engines if e.can_decode and not e.can_prefill]
+    both = sorted((e for e in engines if e.can_prefill and e.can_decode), key=lambda e: e.id)
+    if not prefill_only and not decode_only and len(both) >= 2:
+        half = (len(both) + 1) // 2
+        return both[:half], both[half:]
+    # With operator roles, dual-role engines may serve either side, each preferring the side that lacks engines.
+    return prefill_only or both, decode_only or both
 
-    def busy(e: EngineLoad) -> float:
-        return min(MAX_BUSY, e.prefill_rate * tau)
 
-    def decode_s(e: EngineLoad) -> float:
-        return n_out * step / (1.0 - busy(e))
-
-    # Priced one request at a time, spreading always looks best: an idle engine is the quickest place for this
-    # request. But once engines spend a large share of their time prefilling (``specialize_at``), every decode
-    # step is stretched by it, and the cluster does better as one decode engine (the one with the most decoders)
-    # that takes prefill only when that is cheaper than making its decoders wait, fed by the others.
-    decoders = [e for e in engines if e.can_decode]
-    specialized = len(engines) > 1 and bool(decoders) and sum(busy(e) for e in engines) / len(engines) >= specialize_at
-    if specialized:
-        # The decode engine is the one prefilling least lately: sticky, since it is then sent few prefills.
-        lead = min(decoders, key=lambda e: (e.prefill_rate, -e.decoding, e.id))
-        decoders = [lead]
-    options: list[Plan] = []
-    # Data parallel only on engines with both roles; on decode-only engines only if nothing else is possible.
-    # Under specialization the decode engine takes whole requests only when their prefill is short.
-    whole = [e for e in decoders if e.can_prefill and (not specialized or prompt_len - e.cached <= short_prompt)]
-    if not whole and not any(p.can_prefill and p.id not in {d.id for d in decoders} for p in engines):
-        whole = [e for e in decoders if e.can_prefill] or decoders
-    for e in whole:
-        own = max(0, prompt_len - e.cached)
-        mine = tau * (e.backlog + own) + decode_s(e)
-        harm = tau * own * e.decoding
-        options.append(Plan(e.id, e.id, 0, 0.0, mine + harm_weight * harm))
-    for p in engines:
-        if not p.can_prefill:
-            continue
-        for d in decoders:
-            if d.id == p.id:
-                continue
-            for f in FACTORS:
-                end = min(prompt_len - 1, math.floor((1 - f) * prompt_len))
-                if end <= 0:
-                    continue
-                first = max(0, end - max(p.cached, d.cached))  # what P computes: D's cached prefix never travels
-                rest = prompt_len - max(end, d.cached)
-                ready = tau * (p.backlog + first)
-                start = max(ready + step, tau * d.backlog) + tau * rest  # the hop costs D one step
-                mine = start + decode_s(d)
-                harm = tau * (first * p.decoding + rest * d.decoding)
-                options.append(Plan(p.id, d.id, end, f, mine + harm_weight * harm))
-    if not options:
+def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_max: float = 0.3,
+         f_per_queued_s: float = 0.05, short_prompt: int = 256, prefill_tokens_per_s: float = 1000.0) -> Plan:
+    """How to serve one request. Pure: unit-tested without a bus."""
+    prefill_side, decode_side = sides(engines)
+    if not decode_side:
         raise NoEngine("no live engine with role decode")
-    return min(options, key=lambda o: (o.cost_s, not o.data_parallel, o.f, o.prefill, o.decode))
+
+    def own(e: EngineLoad) -> int:
+        return max(0, prompt_len - e.cached)
+
+    # Short prompts go anywhere, as in data parallel. Keeping them off a prefill side busy with long prompts (so
+    # that their decode steps never queue behind long chunks) measured worse on the mixed workload: +21% / +13%
+    # P99 at 60% / 80% load — it piles every chat decode onto the decode side, which is why PD loses on chat.
+    whole = [e for e in engines if e.can_prefill and e.can_decode]
+    short = [e for e in whole if own(e) <= short_prompt]
+    senders = [p for p in prefill_side if p.can_prefill]
+    if short or (whole and not any(p.id != d.id for p in senders for d in decode_side)):
+        e = min(short or whole, key=lambda e: (e.requests, own(e), e.id))
+        return Plan(e.id, e.id, 0, 0.0)
+    if not senders:
+        raise NoEngine("no live engine with role prefill")
+    d = min(decode_side, key=lambda e: (e.decoding + e.backlog / max(1, prompt_len), e.requests, e.id))
+    candidates = [p for p in senders if p.id != d.id]
+    if not candidates:  # one engine left that does both: nothing to disaggregate
+        return Plan(d.id, d.id, 0, 0.0)
+    p = min(candidates, key=lambda e: (e.backlog + own(e), e.requests, e.id))
+    # The prefill side's queue sets the balance factor: the longer it is, the more of each prompt the decode engine
+    # takes, up to ``f_max`` — a fixed f either leaves the queue to grow at high load (PD's TTFT diverges at 80%)
+    # or stalls decoders for nothing at low load.
+    queued_s = p.backlog / prefill_tokens_per_s
+    factor = 0.0 if d.backlog > 0 else min(max(f, f_max), f + f_per_queued_s * queued_s)
+    # What the decode engine already caches of [0, end) never travels (``disaggregate`` sends from its match on).
+    return Plan(p.id, d.id, min(prompt_len - 1, math.floor((1 - factor) * prompt_len)), factor)
 
 
 def _load(e: Engine, req: Request) -> EngineLoad:
-    return EngineLoad(id=e.id, can_prefill="prefill" in e.roles, can_decode="decode" in e.roles,
+    return EngineLoad(id=e.id, can_prefill="prefill" in e.roles, can_decode="decode" in e.roles, requests=e.load,
                       backlog=e.prefill_backlog, decoding=e.decoding, prefill_rate=e.prefill_rate,
                       cached=e.cached_prefix(req))
 
 
 @strategy("adaptive")
-async def adaptive(req: Request, cluster: Cluster, *, prefill_tokens_per_s: float = 1000.0,
-                   decode_step_ms: float = 90.0, harm_weight: float = 1.0, specialize_at: float = 0.35,
-                   short_prompt: int = 256) -> None:
+async def adaptive(req: Request, cluster: Cluster, *, f: float = 0.1, f_max: float = 0.3,
+                   f_per_queued_s: float = 0.05, short_prompt: int = 256,
+                   prefill_tokens_per_s: float = 1000.0) -> None:
+    for name, value in (("f", f), ("f_max", f_max)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"adaptive: {name} must be in [0, 1), got {value}")
     engines = {e.id: e for e in cluster.engines()}
-    best = plan(req.prompt_len, req.sampling.max_tokens, [_load(e, req) for e in engines.values()],
-                prefill_tokens_per_s=prefill_tokens_per_s, decode_step_ms=decode_step_ms, harm_weight=harm_weight,
-                specialize_at=specialize_at, short_prompt=short_prompt)
+    best = plan(req.prompt_len, [_load(e, req) for e in engines.values()], f=f, f_max=f_max,
+                f_per_queued_s=f_per_queued_s, short_prompt=short_prompt, prefill_tokens_per_s=prefill_tokens_per_s)
     if best.data_parallel:
         await run_on(req, engines[best.decode])
     else:
