@@ -96,12 +96,12 @@ def test_load_tracker_counts_requests_prefill_and_decodes() -> None:
     assert t.get("d") == 0 and t.decoding("d") == 0
 
 
-def _eload(eid: str, backlog: int = 0, decoding: int = 0, rate: float = 0.0, cached: int = 0, requests: float = 0,
+def _eload(eid: str, backlog: int = 0, decoding: int = 0, cached: int = 0, requests: float = 0,
            roles: tuple[bool, bool] = (True, True)):  # type: ignore[no-untyped-def]
     from busserve.router.strategies.adaptive import EngineLoad
 
     return EngineLoad(id=eid, can_prefill=roles[0], can_decode=roles[1], requests=requests, backlog=backlog,
-                      decoding=decoding, prefill_rate=rate, cached=cached)
+                      decoding=decoding, cached=cached)
 
 
 def test_adaptive_splits_dual_role_engines_by_id() -> None:
@@ -123,13 +123,13 @@ def test_adaptive_plans_per_request() -> None:
     # Short prompts run whole on the least-loaded engine, on either side: chat is data parallel.
     p = plan(128, [_eload("a", requests=1), _eload("b", requests=2)])
     assert p.data_parallel and p.decode == "a"
-    p = plan(128, [_eload("a", requests=3, rate=400.0), _eload("b", requests=2)])
+    p = plan(128, [_eload("a", requests=3), _eload("b", requests=2)])
     assert p.data_parallel and p.decode == "b"
     # Long prompts: prefill on "a", the last tenth and decode on "b" (balanced PD, f = 0.1)...
-    p = plan(1000, [_eload("a", rate=400.0), _eload("b", decoding=3)])
+    p = plan(1000, [_eload("a"), _eload("b", decoding=3)])
     assert (p.prefill, p.decode, p.end, p.f) == ("a", "b", 900, 0.1)
     # ...or plain PD while "b" already has prefill queued (the last tenth would wait behind it).
-    p = plan(1000, [_eload("a", rate=400.0), _eload("b", decoding=3, backlog=100)])
+    p = plan(1000, [_eload("a"), _eload("b", decoding=3, backlog=100)])
     assert (p.prefill, p.decode, p.end, p.f) == ("a", "b", 999, 0.0)
     assert plan(1000, [_eload("a"), _eload("b")], f=0.3).end == 700
     # The prefill side's queue raises f: 2 s queued → 0.2, and never past f_max.

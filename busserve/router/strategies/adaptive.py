@@ -49,7 +49,6 @@ class EngineLoad:
     requests: float  # requests queued or running there
     backlog: int  # prompt tokens queued for prefill
     decoding: int  # requests decoding
-    prefill_rate: float  # prompt tokens/s sent there to prefill lately
     cached: int  # tokens of this request's prompt in its prefix cache
 
 
@@ -74,7 +73,7 @@ def sides(engines: Sequence[EngineLoad]) -> tuple[list[EngineLoad], list[EngineL
     if not prefill_only and not decode_only and len(both) >= 2:
         half = (len(both) + 1) // 2
         return both[:half], both[half:]
-    # With operator roles, dual-role engines may serve either side, each preferring the side that lacks engines.
+    # With operator roles, dual-role engines stand in for a side that has no dedicated engine.
     return prefill_only or both, decode_only or both
 
 
@@ -115,8 +114,7 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
 
 def _load(e: Engine, req: Request) -> EngineLoad:
     return EngineLoad(id=e.id, can_prefill="prefill" in e.roles, can_decode="decode" in e.roles, requests=e.load,
-                      backlog=e.prefill_backlog, decoding=e.decoding, prefill_rate=e.prefill_rate,
-                      cached=e.cached_prefix(req))
+                      backlog=e.prefill_backlog, decoding=e.decoding, cached=e.cached_prefix(req))
 
 
 @strategy("adaptive")
