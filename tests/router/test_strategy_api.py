@@ -136,6 +136,15 @@ def test_adaptive_plans_per_request() -> None:
     assert plan(1000, [_eload("a", backlog=2000), _eload("b")]).f == pytest.approx(0.2)
     assert plan(1000, [_eload("a", backlog=20000), _eload("b")]).f == pytest.approx(0.3)
     assert plan(1000, [_eload("a", backlog=2000), _eload("b")], f_per_queued_s=0).f == pytest.approx(0.1)
+    # A long prompt runs whole while every prefill-side engine has requests decoding (short prompts that ran
+    # there): disaggregating would stall them for the whole prefill.
+    p = plan(1000, [_eload("a", requests=2, decoding=2), _eload("b", requests=1, decoding=1)])
+    assert p.data_parallel and p.decode == "b"
+    p = plan(1000, [_eload("a", requests=1, decoding=1), _eload("b", requests=3, decoding=3)])
+    assert p.data_parallel and p.decode == "a"
+    # With a quiet prefill-side engine left, that one prefills, even with more queued.
+    p = plan(1000, [_eload("a", decoding=1), _eload("b", backlog=1500), _eload("c"), _eload("d")])
+    assert (p.prefill, p.data_parallel) == ("b", False)
     # A cached prefix shortens what is left: a long prompt mostly cached on "b" runs whole there.
     p = plan(1000, [_eload("a"), _eload("b", cached=900)])
     assert p.data_parallel and p.decode == "b"

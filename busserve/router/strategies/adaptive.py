@@ -17,11 +17,15 @@ prefill side and the rest the decode side (the same on every router replica, no 
 
 * **short** (at most ``short_prompt`` tokens left to compute on some engine, cached prefix included): whole, on the
   least-loaded engine — data parallel;
-* **long**: prefill on the prefill side (the engine that reaches the request soonest, counting its cached prefix),
-  decode on the least-loaded decode engine, balance factor ``f`` plus ``f_per_queued_s`` per second of prefill
-  queued on the prefill side, at most ``f_max``: a fixed f lets the prefill queue grow without bound once the load
-  outruns one prefill engine. It drops to 0 while the decode engine already has prefill queued, since the tail
-  would wait behind it and stall its decoders twice.
+* **long, while a prefill-side engine has nobody decoding**: prefill there (the quiet engine that reaches the
+  request soonest, counting its cached prefix), decode on the least-loaded decode engine, balance factor ``f``
+  plus ``f_per_queued_s`` per second of prefill queued on the prefill side, at most ``f_max``: a fixed f lets the
+  prefill queue grow without bound once the load outruns one prefill engine. It drops to 0 while the decode engine
+  already has prefill queued, since the tail would wait behind it and stall its decoders twice;
+* **long, while every prefill-side engine has requests decoding** (short prompts that ran whole there): whole, on
+  the least-loaded engine. Disaggregating gains by putting a long prefill where nobody waits on it; with decoders
+  there it would stall them for the whole prefill (data parallel stalls each engine's for half of them) and pay
+  the hop besides — which is why PD loses to data parallel when long prompts and chat are interleaved.
 
 ``prefill_tokens_per_s`` turns queued prompt tokens into seconds; the default is what SmolLM2 on one core of the
 benchmark machine prefills (docs/BENCHMARKS.md). Set it for other hardware with
@@ -102,7 +106,14 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
     candidates = [p for p in senders if p.id != d.id]
     if not candidates:  # one engine left that does both: nothing to disaggregate
         return Plan(d.id, d.id, 0, 0.0)
-    p = min(candidates, key=lambda e: (e.backlog + own(e), e.requests, e.id))
+    # Disaggregating pays off by sending a long prefill where nobody decodes. A prefill-side engine with requests
+    # decoding on it (short prompts run whole there) would stall them for the whole prefill instead of a share of
+    # it, on top of the hop: then the request runs whole, as in data parallel.
+    quiet = [p for p in candidates if p.decoding == 0]
+    if not quiet and whole:
+        e = min(whole, key=lambda e: (e.requests, own(e), e.id))
+        return Plan(e.id, e.id, 0, 0.0)
+    p = min(quiet or candidates, key=lambda e: (e.backlog + own(e), e.requests, e.id))
     # The prefill side's queue sets the balance factor: the longer it is, the more of each prompt the decode engine
     # takes, up to ``f_max`` — a fixed f either leaves the queue to grow at high load (PD's TTFT diverges at 80%)
     # or stalls decoders for nothing at low load.
