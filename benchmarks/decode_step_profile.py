@@ -1,0 +1,73 @@
+"""Decode-step time of one engine on one core, by batch size and context length, plus a torch.profiler table.
+
+Why it exists: in the paper experiment (docs/BENCHMARKS.md, issue #7) the decode engine's TPOT sets how much of each
+long prompt it can afford to prefill; this measures its decode step at that shape, in process (no bus), so the
+numbers are the engine's own. Drives an EngineCore on this thread: submit, prefill until every sequence decodes,
+then time ``--steps`` pure decode steps.
+
+    taskset -c 1 .venv/bin/python benchmarks/decode_step_profile.py --shapes 1x128,1x1000,5x128,5x1000,8x1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from busserve.engine.engine_core import EngineCore
+from busserve.engine.main import EngineOptions, build_core
+from busserve.engine.requests import GenerateCmd
+from busserve.messages import SamplingParams
+
+
+def decode_step_s(core: EngineCore, batch: int, ctx: int, steps: int, rng: random.Random,
+                  profile: bool = False) -> float:
+    vocab = int(core.loaded.model.config.vocab_size)
+    for i in range(batch):
+        rid = f"b{batch}-c{ctx}-{i}-{rng.randrange(1 << 30)}"
+        core.submit(GenerateCmd(request_id=rid, token_ids=[rng.randrange(vocab) for _ in range(ctx)],
+                                sampling=SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True),
+                                stream_subject=f"bench.{rid}"))
+    core._drain(block=False)  # the core is not started: apply the submissions on this thread
+    while core.scheduler.waiting or any(s.is_prefill for s in core.scheduler.running):
+        core.step()
+    core.step()  # one step untimed: the first decode step after a prefill allocates
+    start = time.perf_counter()
+    if profile:
+        with torch.profiler.profile() as prof:
+            for _ in range(steps):
+                core.step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    else:
+        for _ in range(steps):
+            core.step()
+    elapsed = (time.perf_counter() - start) / steps
+    for rid in list(core.scheduler.by_id):
+        core._drop(rid, notify=False, reason="benchmark done")
+    return elapsed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="1x128,1x1000,5x128,5x1000,8x1000", help="BATCHxCONTEXT,...")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--profile", metavar="BATCHxCONTEXT", help="also print torch.profiler's table for this shape")
+    args = ap.parse_args()
+    core = build_core(EngineOptions(engine_id="profile", threads=args.threads, dtype=args.dtype, transports=()))
+    rng = random.Random(0)
+    for shape in args.shapes.split(","):
+        b, c = (int(x) for x in shape.split("x"))
+        print(f"batch {b:2d}, context {c:5d}: {decode_step_s(core, b, c, args.steps, rng) * 1e3:6.1f} ms per step",
+              flush=True)
+    if args.profile:
+        b, c = (int(x) for x in args.profile.split("x"))
+        decode_step_s(core, b, c, args.steps, rng, profile=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
