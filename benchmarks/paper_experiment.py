@@ -102,8 +102,7 @@ async def run(cluster: ProcessCluster, args: argparse.Namespace) -> list[str]:
                 stem.with_suffix(".json").write_text(json.dumps(
                     {"workload": workload, "load": load, "rate": rate, "capacity": cap, "runs": runs}))
                 plot_cdfs(runs, stem.with_suffix(".png"), f"{workload}: {rate} req/s ({load:.0%} of capacity)")
-                tables.append(f"### {workload}, {rate} req/s ({load:.0%} of measured capacity {cap:.2f} req/s)\n\n"
-                              + markdown(runs))
+                tables.append(table(workload, load, rate, cap, runs))
     finally:
         with contextlib.suppress(BusserveError):  # best effort: the engines may be gone already
             await set_roles(bus, BOTH)
@@ -147,6 +146,10 @@ def markdown(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def table(workload: str, load: float, rate: float, cap: float, runs: list[dict[str, Any]]) -> str:
+    return f"### {workload}, {rate} req/s ({load:.0%} of measured capacity {cap:.2f} req/s)\n\n" + markdown(runs)
+
+
 def report(args: argparse.Namespace) -> list[str]:
     """The tables of stored results, without running anything."""
     tables = []
@@ -154,8 +157,7 @@ def report(args: argparse.Namespace) -> list[str]:
         for load in _loads(args):
             d = _load_json(args.out, workload, load)
             if d:
-                tables.append(f"### {workload}, {d['rate']} req/s ({load:.0%} of measured capacity "
-                              f"{d['capacity']:.2f} req/s)\n\n" + markdown(d["runs"]))
+                tables.append(table(workload, load, d["rate"], d["capacity"], d["runs"]))
     return tables
 
 

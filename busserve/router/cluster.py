@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -106,11 +105,6 @@ class Engine:
         return max(self.status.decoding, self._load.decoding(self.id))
 
     @property
-    def prefill_rate(self) -> float:
-        """Prompt tokens per second this router has sent here to prefill, averaged over the last ~10 s."""
-        return self._load.prefill_rate(self.id)
-
-    @property
     def free_kv_fraction(self) -> float:
         total = self.status.total_pages or 1
         return (self.status.free_pages + self.status.cached_pages) / total
@@ -192,17 +186,12 @@ class Engine:
 class LoadTracker:
     """What this router has put on each engine and not yet seen done — heartbeats lag by up to a second, and without
     this a burst of requests would all pick the same "idle" engine. Three counts per engine: requests, prompt tokens
-    still to prefill (until the request's first token, or the end of a remote_send), and requests decoding. Plus
-    the rate of prompt tokens sent to each engine for prefill lately (an exponential average over
-    ``RATE_WINDOW_S``): how much of its near future an engine will spend prefilling."""
-
-    RATE_WINDOW_S = 10.0
+    still to prefill (until the request's first token, or the end of a remote_send), and requests decoding."""
 
     def __init__(self) -> None:
         self._n: dict[str, int] = {}
         self._prefill: dict[str, int] = {}
         self._decoding: dict[str, int] = {}
-        self._rate: dict[str, tuple[float, float]] = {}  # engine -> (prefill tokens/s, when last updated)
 
     def get(self, engine_id: str) -> int:
         return self._n.get(engine_id, 0)
@@ -225,12 +214,7 @@ class LoadTracker:
             req.assigned.add(engine_id)
             self.add(engine_id, 1)
 
-    def prefill_rate(self, engine_id: str) -> float:
-        rate, at = self._rate.get(engine_id, (0.0, 0.0))
-        return rate * math.exp(-(time.monotonic() - at) / self.RATE_WINDOW_S)
-
     def charge_prefill(self, req: Request, engine_id: str, tokens: int) -> None:
-        self._rate[engine_id] = (self.prefill_rate(engine_id) + tokens / self.RATE_WINDOW_S, time.monotonic())
         self._bump(self._prefill, engine_id, tokens)
         req.prefill_charge[engine_id] = req.prefill_charge.get(engine_id, 0) + tokens
 

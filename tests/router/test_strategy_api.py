@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from busserve.kv.page_hash import prefix_page_hashes
 from busserve.messages import EngineStatus, KVEventBatch, KVStored, SamplingParams
 from busserve.router.cluster import ClusterView
 from busserve.router.request import Request
+from busserve.router.strategies.adaptive import EngineLoad
 from busserve.router.strategy import BUILTINS, Cluster, NoEngine, coerce_params, load_strategy, parse_param_args
 
 HERE = Path(__file__).parent
@@ -97,9 +97,7 @@ def test_load_tracker_counts_requests_prefill_and_decodes() -> None:
 
 
 def _eload(eid: str, backlog: int = 0, decoding: int = 0, cached: int = 0, requests: float = 0,
-           roles: tuple[bool, bool] = (True, True)):  # type: ignore[no-untyped-def]
-    from busserve.router.strategies.adaptive import EngineLoad
-
+           roles: tuple[bool, bool] = (True, True)) -> EngineLoad:
     return EngineLoad(id=eid, can_prefill=roles[0], can_decode=roles[1], requests=requests, backlog=backlog,
                       decoding=decoding, cached=cached)
 
@@ -160,15 +158,3 @@ def test_adaptive_plans_per_request() -> None:
         plan(1000, [_eload("a", roles=(True, False))])
     with pytest.raises(NoEngine):
         plan(1000, [_eload("b", roles=(False, True))])
-
-
-def test_load_tracker_prefill_rate_decays() -> None:
-    from busserve.router.cluster import LoadTracker
-
-    t = LoadTracker()
-    req = _req(list(range(10)))
-    t.charge_prefill(req, "p", 1000)
-    assert t.prefill_rate("p") == pytest.approx(1000 / LoadTracker.RATE_WINDOW_S, rel=0.01)
-    t._rate["p"] = (t._rate["p"][0], t._rate["p"][1] - LoadTracker.RATE_WINDOW_S)  # ten seconds later
-    assert t.prefill_rate("p") == pytest.approx(100 / math.e, rel=0.01)
-    assert t.prefill_rate("never") == 0.0

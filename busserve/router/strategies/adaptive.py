@@ -94,16 +94,20 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
     # Short prompts go anywhere, as in data parallel. Keeping them off a prefill side busy with long prompts (so
     # that their decode steps never queue behind long chunks) measured worse on the mixed workload: +21% / +13%
     # P99 at 60% / 80% load — it piles every chat decode onto the decode side, which is why PD loses on chat.
+    def run_whole(pool: list[EngineLoad]) -> Plan:
+        e = min(pool, key=lambda e: (e.requests, own(e), e.id))
+        return Plan(e.id, e.id, 0, 0.0)
+
     whole = [e for e in engines if e.can_prefill and e.can_decode]
     short = [e for e in whole if own(e) <= short_prompt]
-    senders = [p for p in prefill_side if p.can_prefill]
-    if short or (whole and not any(p.id != d.id for p in senders for d in decode_side)):
-        e = min(short or whole, key=lambda e: (e.requests, own(e), e.id))
-        return Plan(e.id, e.id, 0, 0.0)
-    if not senders:
+    if short:
+        return run_whole(short)
+    if whole and not any(p.id != d.id for p in prefill_side for d in decode_side):
+        return run_whole(whole)
+    if not prefill_side:
         raise NoEngine("no live engine with role prefill")
     d = min(decode_side, key=lambda e: (e.decoding + e.backlog / max(1, prompt_len), e.requests, e.id))
-    candidates = [p for p in senders if p.id != d.id]
+    candidates = [p for p in prefill_side if p.id != d.id]
     if not candidates:  # one engine left that does both: nothing to disaggregate
         return Plan(d.id, d.id, 0, 0.0)
     # Disaggregating pays off by sending a long prefill where nobody decodes. A prefill-side engine with requests
@@ -111,8 +115,7 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
     # it, on top of the hop: then the request runs whole, as in data parallel.
     quiet = [p for p in candidates if p.decoding == 0]
     if not quiet and whole:
-        e = min(whole, key=lambda e: (e.requests, own(e), e.id))
-        return Plan(e.id, e.id, 0, 0.0)
+        return run_whole(whole)
     p = min(quiet or candidates, key=lambda e: (e.backlog + own(e), e.requests, e.id))
     # The prefill side's queue sets the balance factor: the longer it is, the more of each prompt the decode engine
     # takes, up to ``f_max`` — a fixed f either leaves the queue to grow at high load (PD's TTFT diverges at 80%)
