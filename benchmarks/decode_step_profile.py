@@ -6,6 +6,9 @@ numbers are the engine's own. Drives an EngineCore on this thread: submit, prefi
 then time ``--steps`` pure decode steps.
 
     taskset -c 1 .venv/bin/python benchmarks/decode_step_profile.py --shapes 1x128,1x1000,5x128,5x1000,8x1000
+
+``--attention torch,cpu`` (the default) times the same shapes through each decode-attention backend side by side,
+in one process, alternating backends shape by shape so that drift on a shared machine hits both alike.
 """
 
 from __future__ import annotations
@@ -55,17 +58,30 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--profile", metavar="BATCHxCONTEXT", help="also print torch.profiler's table for this shape")
+    ap.add_argument("--attention", default="torch,cpu", help="decode backends to compare, comma-separated")
+    ap.add_argument("--profile", metavar="BATCHxCONTEXT",
+                    help="also print torch.profiler's table for this shape (through the last backend listed)")
     args = ap.parse_args()
-    core = build_core(EngineOptions(engine_id="profile", threads=args.threads, dtype=args.dtype, transports=()))
+    names = args.attention.split(",")
+    cores: dict[str, EngineCore] = {}
+    loaded = None
+    for name in names:
+        opts = EngineOptions(engine_id=f"profile-{name}", threads=args.threads, dtype=args.dtype, transports=(),
+                             attention=name)
+        cores[name] = build_core(opts, loaded)
+        loaded = cores[name].loaded
     rng = random.Random(0)
+    print("| batch x context | " + " | ".join(f"{n} (ms/step)" for n in names)
+          + "".join(f" | {n} / {names[0]}" for n in names[1:]) + " |")
+    print("|---" * (2 * len(names)) + "|")
     for shape in args.shapes.split(","):
         b, c = (int(x) for x in shape.split("x"))
-        print(f"batch {b:2d}, context {c:5d}: {decode_step_s(core, b, c, args.steps, rng) * 1e3:6.1f} ms per step",
-              flush=True)
+        ms = [decode_step_s(cores[n], b, c, args.steps, rng) * 1e3 for n in names]
+        print(f"| {b} x {c} | " + " | ".join(f"{m:.1f}" for m in ms)
+              + "".join(f" | {m / ms[0]:.2f}" for m in ms[1:]) + " |", flush=True)
     if args.profile:
         b, c = (int(x) for x in args.profile.split("x"))
-        decode_step_s(core, b, c, args.steps, rng, profile=True)
+        decode_step_s(cores[names[-1]], b, c, args.steps, rng, profile=True)
     return 0
 
 

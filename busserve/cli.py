@@ -152,8 +152,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transport", action="append", default=[], choices=["shm", "bus", "nvshmem"],
                    help="KV transports to offer (default: shm and bus)")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
-    g.add_argument("--attention", default="auto", choices=["auto", "torch", "triton", "flashinfer"],
-                   help="decode-attention backend; auto = torch on CPU, flashinfer on CUDA when installed, else triton")
+    g.add_argument("--attention", default="auto", choices=["auto", "cpu", "torch", "triton", "flashinfer"],
+                   help="decode-attention backend; auto = on CPU busserve's C++ kernel where it builds (x86, AVX-512), "
+                        "else torch; on CUDA flashinfer when installed, else triton")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,13 @@ class PrefillChunk:
     q_len: int
     ctx_len: int  # tokens attended to: the cached/earlier context plus this chunk
     slots: torch.Tensor | None  # [ctx_len] when earlier tokens live in the pool; None when the chunk is all
+    mask: torch.Tensor | None = None  # [q_len, ctx_len] causal mask aligned to the end; built once per step
+
+    def __post_init__(self) -> None:
+        if self.slots is not None and self.mask is None:
+            # Query i (at position ctx-q_len+i) sees keys 0..ctx-q_len+i. Built here rather than in every layer.
+            rows = torch.arange(self.q_len).unsqueeze(1) + (self.ctx_len - self.q_len)
+            self.mask = torch.arange(self.ctx_len).unsqueeze(0) <= rows
 
 
 @dataclass
@@ -86,10 +93,10 @@ def paged_attention(
         else:
             ks = k_cache.index_select(0, c.slots).transpose(0, 1).unsqueeze(0)
             vs = v_cache.index_select(0, c.slots).transpose(0, 1).unsqueeze(0)
-            # Causal, aligned to the end: query i (at position ctx-q_len+i) sees keys 0..ctx-q_len+i.
-            rows = torch.arange(c.q_len).unsqueeze(1) + (c.ctx_len - c.q_len)
-            mask = torch.arange(c.ctx_len).unsqueeze(0) <= rows
-            oc = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling, enable_gqa=True)
+            if c.mask is not None and c.mask.dtype == torch.bool:
+                # Additive form, once per step: SDPA would convert a boolean mask again in every layer.
+                c.mask = torch.zeros(c.mask.shape, dtype=qs.dtype).masked_fill_(~c.mask, float("-inf"))
+            oc = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=c.mask, scale=scaling, enable_gqa=True)
         out[c.q_start : c.q_start + c.q_len] = oc[0].transpose(0, 1)
 
     return out.unsqueeze(0), None

@@ -4,8 +4,10 @@ The runner describes the step's decoding sequences once as a ``DecodeGroup`` (pa
 backend turns that into what its kernel needs in ``prepare`` (once per step, not per layer) and attends in ``run``
 (once per layer). Prefill chunks always take the SDPA path in ``engine/attention.py``.
 
-* ``torch`` — the CPU default: gather each context into a padded batch and run one SDPA with GQA folded into the
-  query axis. Fast on CPU because the gather is a single ``index_select``.
+* ``cpu`` — the CPU default where it can be built: busserve's C++ kernel (``cpu_kernels/paged_decode.cpp``, x86 with
+  AVX-512, compiled for this machine on first use) reads K/V straight from the pages, each once.
+* ``torch`` — the portable CPU path: gather each context into a padded batch and run one SDPA with GQA folded into
+  the query axis. The gather copies every context once per layer, which the ``cpu`` kernel avoids.
 * ``triton`` — busserve's own paged decode kernel (``triton_kernels/paged_attention.py``): reads K/V straight from
   the pages, no padded copy. The GPU path when flashinfer is absent; on a CPU it runs only under the Triton
   interpreter (``TRITON_INTERPRET=1``), which the tests use to prove the engine gives the same tokens through it.
@@ -13,13 +15,16 @@ backend turns that into what its kernel needs in ``prepare`` (once per step, not
   ``[slots, kv_heads, head_dim]`` layer view is flashinfer's NHD layout once viewed as
   ``[pages, page_size, kv_heads, head_dim]``; ``flashinfer_page_metadata`` builds its CSR page table.
 
-``select_backend`` picks one by name (``auto``: flashinfer on CUDA when installed, else triton on CUDA, torch on
-CPU) and refuses a backend that cannot run here with the reason.
+``select_backend`` picks one by name (``auto``: flashinfer on CUDA when installed, else triton on CUDA; on a CPU the
+``cpu`` kernel when it builds here and supports the model's head size, else torch) and refuses a backend that cannot
+run here with the reason.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,7 +32,11 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "torch", "triton", "flashinfer")
+BACKENDS = ("auto", "cpu", "torch", "triton", "flashinfer")
+CPU_KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,14 +66,20 @@ class DecodeBackend(Protocol):
         """``q``: [B, heads, head_dim]; caches: one layer's flat [slots, kv_heads, head_dim]. Returns like q."""
 
 
+def context_slots(group: DecodeGroup) -> torch.Tensor:
+    """[B * max_len] pool slot of every context position (rows padded past each context with its own pages)."""
+    pos = torch.arange(group.max_len, device=group.page_table.device)
+    slots = group.page_table[:, pos // group.page_size] * group.page_size + pos % group.page_size
+    return slots.reshape(-1)
+
+
 class TorchDecode:
     name = "torch"
 
     def prepare(self, group: DecodeGroup) -> None:
         max_len = group.max_len
         pos = torch.arange(max_len, device=group.page_table.device)
-        slots = group.page_table[:, pos // group.page_size] * group.page_size + pos % group.page_size
-        group.state["slots"] = slots.reshape(-1)
+        group.state["slots"] = context_slots(group)
         # Rows of one length (always so for a single sequence) need no mask.
         if int(group.context_lens.min()) != max_len:
             mask = pos.unsqueeze(0) < group.context_lens.unsqueeze(1)
@@ -84,6 +99,30 @@ class TorchDecode:
         vd = v_cache.index_select(0, slots).view(b, max_len, kv_heads, dim).permute(0, 2, 1, 3)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.state["mask"], scale=scale)
         return od.reshape(b, heads, dim)
+
+
+class CpuDecode:
+    """busserve's C++ paged decode kernel (``torch.ops.busserve.paged_decode``); built by ``CpuDecode()``."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        from busserve import cpu_kernels
+
+        cpu_kernels.load()
+        self._kernel = torch.ops.busserve.paged_decode
+
+    def prepare(self, group: DecodeGroup) -> None:
+        group.state["slots"] = context_slots(group).to(torch.long).contiguous()
+        group.state["lens"] = group.context_lens.to(torch.long).contiguous()
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
+            scale: float | None) -> torch.Tensor:
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+        out: torch.Tensor = self._kernel(q.contiguous(), k_cache, v_cache, group.state["slots"],
+                                         group.state["lens"], group.max_len, scale)
+        return out
 
 
 class TritonDecode:
@@ -151,6 +190,12 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on ``device``, or None if it can."""
     if name == "torch":
         return None
+    if name == "cpu":
+        if device.type != "cpu":
+            return "the cpu kernel runs on CPU devices only"
+        from busserve import cpu_kernels
+
+        return cpu_kernels.unavailable_reason()
     if name == "triton":
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton kernels need a GPU (on a CPU only the interpreter runs them: TRITON_INTERPRET=1)"
@@ -167,15 +212,46 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 def select_backend(name: str, device: torch.device, *, num_heads: int, num_kv_heads: int, head_dim: int,
                    dtype: torch.dtype) -> DecodeBackend:
     if name == "auto":
-        if device.type != "cuda":
-            name = "torch"
-        else:
+        if device.type == "cuda":
             name = "flashinfer" if unavailable_reason("flashinfer", device) is None else "triton"
+        else:
+            return _cpu_or_torch(device, head_dim, dtype)
     reason = unavailable_reason(name, device)
+    if reason is None and name == "cpu":
+        reason = _cpu_kernel_refuses(head_dim, dtype)
     if reason is not None:
         raise BackendUnavailable(f"attention backend {name!r} cannot run here: {reason}")
+    if name == "cpu":
+        from busserve.cpu_kernels import KernelBuildError
+
+        try:
+            return CpuDecode()
+        except KernelBuildError as e:
+            raise BackendUnavailable(f"attention backend 'cpu' cannot run here: {e}") from e
     if name == "triton":
         return TritonDecode()
     if name == "flashinfer":
         return FlashInferDecode(num_heads, num_kv_heads, head_dim, dtype, device)
+    return TorchDecode()
+
+
+def _cpu_kernel_refuses(head_dim: int, dtype: torch.dtype) -> str | None:
+    if head_dim not in CPU_KERNEL_HEAD_DIMS:
+        return f"the cpu kernel supports head_dim {CPU_KERNEL_HEAD_DIMS}, not {head_dim}"
+    if dtype not in CPU_KERNEL_DTYPES:
+        return f"the cpu kernel supports float32, bfloat16 and float16, not {dtype}"
+    return None
+
+
+def _cpu_or_torch(device: torch.device, head_dim: int, dtype: torch.dtype) -> DecodeBackend:
+    """``auto`` on a CPU: the C++ kernel where it can run, else the portable torch path (saying why, once)."""
+    from busserve.cpu_kernels import KernelBuildError
+
+    reason = unavailable_reason("cpu", device) or _cpu_kernel_refuses(head_dim, dtype)
+    if reason is None:
+        try:
+            return CpuDecode()
+        except KernelBuildError as e:
+            reason = str(e)
+    log.info("decode attention: torch SDPA path (%s)", reason.splitlines()[0])
     return TorchDecode()
