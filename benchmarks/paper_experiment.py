@@ -89,12 +89,19 @@ async def run(cluster: ProcessCluster, args: argparse.Namespace) -> list[str]:
                     state = await set_strategy(bus, name, params)
                     label = strategy_label(state.name, state.params)
                     if args.strategy and label in stored and label not in args.replace:
-                        # Measured again beside newly added strategies: kept next to the first run, whose
-                        # difference from it is the drift between the two invocations.
-                        label += " (again)"
+                        # Measured again (beside newly added strategies, or repeated in one invocation): kept next
+                        # to the earlier runs, whose difference from it is the drift between them.
+                        base, n, label = label, 1, f"{label} (again)"
+                        while label in stored:
+                            n += 1
+                            label = f"{base} (again {n})"
+                    # The salt names the run, so a repeat in the same invocation finds nothing cached either.
+                    salt = f"{workload}:{load}:{spec}" if label == strategy_label(state.name, state.params) \
+                        else f"{workload}:{load}:{label}"
                     run_ = await bench_once(send, samples, LoadConfig(rate=rate, seed=7, timeout_s=900), warmup=1,
-                                            progress=False, label=label, slo=None, salt=f"{workload}:{load}:{spec}")
+                                            progress=False, label=label, slo=None, salt=salt)
                     runs = [r for r in runs if r["label"] != label] + [run_]
+                    stored.add(label)
                     print(f"  {workload} load {load} ({rate} req/s) {label}: JCT p99 "
                           f"{run_['summary']['e2e_s']['p99']:.2f}s", file=sys.stderr, flush=True)
                 stem = _stem(args.out, workload, load)
