@@ -87,17 +87,16 @@ async def run(cluster: ProcessCluster, args: argparse.Namespace) -> list[str]:
                     name, params = parse_strategy(spec)
                     await set_roles(bus, ROLES_BY_STRATEGY.get(name, BOTH))
                     state = await set_strategy(bus, name, params)
-                    label = strategy_label(state.name, state.params)
+                    base = label = strategy_label(state.name, state.params)
                     if args.strategy and label in stored and label not in args.replace:
                         # Measured again (beside newly added strategies, or repeated in one invocation): kept next
                         # to the earlier runs, whose difference from it is the drift between them.
-                        base, n, label = label, 1, f"{label} (again)"
+                        n, label = 1, f"{base} (again)"
                         while label in stored:
                             n += 1
                             label = f"{base} (again {n})"
                     # The salt names the run, so a repeat in the same invocation finds nothing cached either.
-                    salt = f"{workload}:{load}:{spec}" if label == strategy_label(state.name, state.params) \
-                        else f"{workload}:{load}:{label}"
+                    salt = f"{workload}:{load}:{spec}" if label == base else f"{workload}:{load}:{label}"
                     run_ = await bench_once(send, samples, LoadConfig(rate=rate, seed=7, timeout_s=900), warmup=1,
                                             progress=False, label=label, slo=None, salt=salt)
                     runs = [r for r in runs if r["label"] != label] + [run_]

@@ -5,7 +5,7 @@ Today one kernel: ``paged_decode.cpp``, paged decode attention for x86 CPUs with
 
 Why built here rather than shipped: the kernel is compiled with ``-march=native`` for the CPU it runs on, and a
 prebuilt binary would have to match the user's torch build exactly. The build is one ``c++`` call against torch's
-own headers and libraries (no ninja, no Python headers), about 25 s once; the library is cached under
+own headers and libraries (no ninja, no Python headers), about 10 s once; the library is cached under
 ``$BUSSERVE_KERNEL_CACHE`` (default ``~/.cache/busserve/kernels``) in a file named by a hash of the source, the
 flags, the torch version and the CPU model, so a change to any of them builds afresh. Concurrent builders (two
 engines starting at once) each compile to a private name and rename into place; the loser's rename is harmless.
@@ -39,25 +39,19 @@ class KernelBuildError(RuntimeError):
     pass
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str:
+    """The first ``field`` line of /proc/cpuinfo ("" where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return ""
+
+
+def _cpu_flags() -> set[str]:
+    return set(_cpuinfo("flags").split())
 
 
 def compiler() -> str | None:
@@ -103,7 +97,7 @@ def library_path() -> Path:
     key.update(SOURCE.read_bytes())
     key.update(" ".join(_FLAGS).encode())
     key.update(torch.__version__.encode())
-    key.update(_cpu_model().encode())
+    key.update((_cpuinfo("model name") or platform.processor()).encode())
     key.update(" ".join(sorted(_cpu_flags())).encode())
     return cache_dir() / f"paged_decode-{key.hexdigest()[:16]}.so"
 

@@ -215,19 +215,19 @@ def select_backend(name: str, device: torch.device, *, num_heads: int, num_kv_he
         if device.type == "cuda":
             name = "flashinfer" if unavailable_reason("flashinfer", device) is None else "triton"
         else:
-            return _cpu_or_torch(device, head_dim, dtype)
+            kernel = _cpu_kernel(device, head_dim, dtype)
+            if isinstance(kernel, str):
+                log.info("decode attention: torch SDPA path (%s)", kernel.splitlines()[0])
+                return TorchDecode()
+            return kernel
+    if name == "cpu":
+        kernel = _cpu_kernel(device, head_dim, dtype)
+        if isinstance(kernel, str):
+            raise BackendUnavailable(f"attention backend 'cpu' cannot run here: {kernel}")
+        return kernel
     reason = unavailable_reason(name, device)
-    if reason is None and name == "cpu":
-        reason = _cpu_kernel_refuses(head_dim, dtype)
     if reason is not None:
         raise BackendUnavailable(f"attention backend {name!r} cannot run here: {reason}")
-    if name == "cpu":
-        from busserve.cpu_kernels import KernelBuildError
-
-        try:
-            return CpuDecode()
-        except KernelBuildError as e:
-            raise BackendUnavailable(f"attention backend 'cpu' cannot run here: {e}") from e
     if name == "triton":
         return TritonDecode()
     if name == "flashinfer":
@@ -235,23 +235,18 @@ def select_backend(name: str, device: torch.device, *, num_heads: int, num_kv_he
     return TorchDecode()
 
 
-def _cpu_kernel_refuses(head_dim: int, dtype: torch.dtype) -> str | None:
+def _cpu_kernel(device: torch.device, head_dim: int, dtype: torch.dtype) -> CpuDecode | str:
+    """The C++ kernel, built and loaded — or why it cannot serve this model here."""
+    from busserve.cpu_kernels import KernelBuildError
+
+    reason = unavailable_reason("cpu", device)
+    if reason is not None:
+        return reason
     if head_dim not in CPU_KERNEL_HEAD_DIMS:
         return f"the cpu kernel supports head_dim {CPU_KERNEL_HEAD_DIMS}, not {head_dim}"
     if dtype not in CPU_KERNEL_DTYPES:
         return f"the cpu kernel supports float32, bfloat16 and float16, not {dtype}"
-    return None
-
-
-def _cpu_or_torch(device: torch.device, head_dim: int, dtype: torch.dtype) -> DecodeBackend:
-    """``auto`` on a CPU: the C++ kernel where it can run, else the portable torch path (saying why, once)."""
-    from busserve.cpu_kernels import KernelBuildError
-
-    reason = unavailable_reason("cpu", device) or _cpu_kernel_refuses(head_dim, dtype)
-    if reason is None:
-        try:
-            return CpuDecode()
-        except KernelBuildError as e:
-            reason = str(e)
-    log.info("decode attention: torch SDPA path (%s)", reason.splitlines()[0])
-    return TorchDecode()
+    try:
+        return CpuDecode()
+    except KernelBuildError as e:
+        return str(e)

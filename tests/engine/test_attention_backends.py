@@ -28,15 +28,15 @@ needs_cpu_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not No
                                       reason=str(cpu_kernels.unavailable_reason()))
 
 
-def _group(lens: list[int], pages_in_order: list[int]) -> DecodeGroup:
-    max_pages = max(-(-n // PAGE) for n in lens)
+def _group(lens: list[int], pages_in_order: list[int], page: int = PAGE) -> DecodeGroup:
+    max_pages = max(-(-n // page) for n in lens)
     table = torch.zeros(len(lens), max_pages, dtype=torch.long)
     it = iter(pages_in_order)
     for b, n in enumerate(lens):
-        for i in range(-(-n // PAGE)):
+        for i in range(-(-n // page)):
             table[b, i] = next(it)
     return DecodeGroup(token_index=torch.arange(len(lens)), page_table=table, context_lens=torch.tensor(lens),
-                       page_size=PAGE, max_len=max(lens))
+                       page_size=page, max_len=max(lens))
 
 
 def test_flashinfer_page_metadata_is_the_csr_page_table() -> None:
@@ -73,15 +73,7 @@ def test_cpu_kernel_matches_the_reference(dtype: torch.dtype, head_dim: int) -> 
     gen = torch.Generator().manual_seed(head_dim)
     lens = [1, 15, 16, 17, 100, 1000]
     pages_needed = sum(-(-n // page) for n in lens)
-    order = torch.randperm(pages_needed + 40, generator=gen)[:pages_needed].tolist()
-    max_pages = max(-(-n // page) for n in lens)
-    table = torch.zeros(len(lens), max_pages, dtype=torch.long)
-    it = iter(order)
-    for b, n in enumerate(lens):
-        for i in range(-(-n // page)):
-            table[b, i] = next(it)
-    g = DecodeGroup(token_index=torch.arange(len(lens)), page_table=table, context_lens=torch.tensor(lens),
-                    page_size=page, max_len=max(lens))
+    g = _group(lens, torch.randperm(pages_needed + 40, generator=gen)[:pages_needed].tolist(), page)
     slots = (pages_needed + 40) * page
     k = torch.randn(slots, 2, head_dim, generator=gen).to(dtype)
     v = torch.randn(slots, 2, head_dim, generator=gen).to(dtype)
@@ -89,7 +81,7 @@ def test_cpu_kernel_matches_the_reference(dtype: torch.dtype, head_dim: int) -> 
     b = CpuDecode()
     b.prepare(g)
     got = b.run(q, k, v, g, None)
-    want = paged_decode_reference(q, k, v, table, g.context_lens, page)
+    want = paged_decode_reference(q, k, v, g.page_table, g.context_lens, page)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
