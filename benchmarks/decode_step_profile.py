@@ -9,6 +9,10 @@ then time ``--steps`` pure decode steps.
 
 ``--attention torch,cpu`` (the default) times the same shapes through each decode-attention backend side by side,
 in one process, alternating backends shape by shape so that drift on a shared machine hits both alike.
+
+``--mixed 4x1000`` instead times steps that carry prompt tokens beside those decoders — a 1,024-token prompt in
+chunks of 32…1,024 tokens — and the same prompt with nobody decoding: what a prompt token costs a decode engine.
+benchmarks/strategy_model.py's cost model is fitted to it.
 """
 
 from __future__ import annotations
@@ -25,16 +29,24 @@ from busserve.engine.requests import GenerateCmd
 from busserve.messages import SamplingParams
 
 
+def _submit(core: EngineCore, ctx: int, max_tokens: int, rng: random.Random) -> None:
+    vocab = int(core.loaded.model.config.vocab_size)
+    rid = f"c{ctx}-{rng.randrange(1 << 30)}"
+    core.submit(GenerateCmd(request_id=rid, token_ids=[rng.randrange(vocab) for _ in range(ctx)],
+                            sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                            stream_subject=f"bench.{rid}"))
+    core._drain(block=False)  # the core is not started: apply the submission on this thread
+
+
+def _prefilling(core: EngineCore) -> bool:
+    return bool(core.scheduler.waiting) or any(s.is_prefill for s in core.scheduler.running)
+
+
 def decode_step_s(core: EngineCore, batch: int, ctx: int, steps: int, rng: random.Random,
                   profile: bool = False) -> float:
-    vocab = int(core.loaded.model.config.vocab_size)
-    for i in range(batch):
-        rid = f"b{batch}-c{ctx}-{i}-{rng.randrange(1 << 30)}"
-        core.submit(GenerateCmd(request_id=rid, token_ids=[rng.randrange(vocab) for _ in range(ctx)],
-                                sampling=SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True),
-                                stream_subject=f"bench.{rid}"))
-    core._drain(block=False)  # the core is not started: apply the submissions on this thread
-    while core.scheduler.waiting or any(s.is_prefill for s in core.scheduler.running):
+    for _ in range(batch):
+        _submit(core, ctx, steps + 8, rng)
+    while _prefilling(core):
         core.step()
     core.step()  # one step untimed: the first decode step after a prefill allocates
     start = time.perf_counter()
@@ -52,6 +64,41 @@ def decode_step_s(core: EngineCore, batch: int, ctx: int, steps: int, rng: rando
     return elapsed
 
 
+def mixed_steps(core: EngineCore, batch: int, ctx: int, chunks: list[int], rng: random.Random,
+                prompt: int = 1024) -> None:
+    """Step time while a ``prompt``-token prefill runs in chunks beside ``batch`` decoders of ``ctx`` tokens."""
+    config = core.scheduler.config
+    budget = config.max_batch_tokens
+    print(f"| prompt tokens per step | ms per step, {batch} decoders × {ctx} | ms per step, no decoders |")
+    print("|---|---|---|")
+    try:
+        for chunk in chunks:
+            row = []
+            for decoders in (batch, 0):
+                if not decoders and not chunk:
+                    row.append("–")
+                    continue
+                config.max_batch_tokens = max(budget, prompt)
+                for _ in range(decoders):
+                    _submit(core, ctx, 10_000, rng)
+                while _prefilling(core):
+                    core.step()
+                core.step()  # the first decode step after a prefill allocates
+                config.max_batch_tokens = decoders + chunk
+                if chunk:
+                    _submit(core, prompt, 2, rng)
+                steps, start = 0, time.perf_counter()
+                while _prefilling(core) or (not chunk and steps < 10):
+                    core.step()
+                    steps += 1
+                row.append(f"{(time.perf_counter() - start) / steps * 1e3:.1f}")
+                for rid in list(core.scheduler.by_id):
+                    core._drop(rid, notify=False, reason="benchmark done")
+            print(f"| {chunk} | {row[0]} | {row[1]} |", flush=True)
+    finally:
+        config.max_batch_tokens = budget
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="1x128,1x1000,5x128,5x1000,8x1000", help="BATCHxCONTEXT,...")
@@ -61,6 +108,9 @@ def main() -> int:
     ap.add_argument("--attention", default="torch,cpu", help="decode backends to compare, comma-separated")
     ap.add_argument("--profile", metavar="BATCHxCONTEXT",
                     help="also print torch.profiler's table for this shape (through the last backend listed)")
+    ap.add_argument("--mixed", metavar="BATCHxCONTEXT",
+                    help="time steps carrying prompt chunks beside these decoders instead (first backend listed)")
+    ap.add_argument("--chunks", default="0,32,64,128,256,512,1024", help="prompt tokens per step, for --mixed")
     args = ap.parse_args()
     names = args.attention.split(",")
     cores: dict[str, EngineCore] = {}
@@ -71,6 +121,10 @@ def main() -> int:
         cores[name] = build_core(opts, loaded)
         loaded = cores[name].loaded
     rng = random.Random(0)
+    if args.mixed:
+        b, c = (int(x) for x in args.mixed.split("x"))
+        mixed_steps(cores[names[0]], b, c, [int(x) for x in args.chunks.split(",")], rng)
+        return 0
     print("| batch x context | " + " | ".join(f"{n} (ms/step)" for n in names)
           + "".join(f" | {n} / {names[0]}" for n in names[1:]) + " |")
     print("|---" * (2 * len(names)) + "|")

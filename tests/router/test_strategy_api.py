@@ -131,9 +131,22 @@ def test_adaptive_plans_per_request() -> None:
     assert (p.prefill, p.decode, p.end, p.f) == ("a", "b", 999, 0.0)
     assert plan(1000, [_eload("a"), _eload("b")], f=0.3).end == 700
     # The prefill side's queue raises f: 2 s queued → 0.2, and never past f_max.
-    assert plan(1000, [_eload("a", backlog=2000), _eload("b")]).f == pytest.approx(0.2)
-    assert plan(1000, [_eload("a", backlog=20000), _eload("b")]).f == pytest.approx(0.3)
-    assert plan(1000, [_eload("a", backlog=2000), _eload("b")], f_per_queued_s=0).f == pytest.approx(0.1)
+    busy = _eload("b", decoding=4)
+    assert plan(1000, [_eload("a", backlog=2000), busy]).f == pytest.approx(0.2)
+    assert plan(1000, [_eload("a", backlog=20000), busy]).f == pytest.approx(0.3)
+    assert plan(1000, [_eload("a", backlog=2000), busy], f_per_queued_s=0).f == pytest.approx(0.1)
+    # A queue on the prefill side (≥ 0.5 s) while the decode engine has at most 3 decoders and nothing to
+    # prefill: the decode engine takes the whole prompt.
+    p = plan(1000, [_eload("a", backlog=600), _eload("b", decoding=3)])
+    assert p.data_parallel and p.decode == "b"
+    # Not below the queue threshold, not with more decoders there, not while it has prefill of its own queued.
+    assert not plan(1000, [_eload("a", backlog=400), _eload("b", decoding=3)]).data_parallel
+    assert not plan(1000, [_eload("a", backlog=600), _eload("b", decoding=4)]).data_parallel
+    assert not plan(1000, [_eload("a", backlog=600), _eload("b", decoding=1, backlog=50)]).data_parallel
+    assert not plan(1000, [_eload("a", backlog=600), _eload("b")], absorb_decoders=-1).data_parallel
+    # A decode-only engine (operator roles) never takes a whole prompt.
+    p = plan(1000, [_eload("a", backlog=5000, roles=(True, False)), _eload("b", roles=(False, True))])
+    assert (p.prefill, p.decode, p.data_parallel) == ("a", "b", False)
     # A long prompt runs whole while every prefill-side engine has requests decoding (short prompts that ran
     # there): disaggregating would stall them for the whole prefill.
     p = plan(1000, [_eload("a", requests=2, decoding=2), _eload("b", requests=1, decoding=1)])
@@ -141,7 +154,8 @@ def test_adaptive_plans_per_request() -> None:
     p = plan(1000, [_eload("a", requests=1, decoding=1), _eload("b", requests=3, decoding=3)])
     assert p.data_parallel and p.decode == "a"
     # With a quiet prefill-side engine left, that one prefills, even with more queued.
-    p = plan(1000, [_eload("a", decoding=1), _eload("b", backlog=1500), _eload("c"), _eload("d")])
+    p = plan(1000, [_eload("a", decoding=1), _eload("b", backlog=1500), _eload("c", decoding=4),
+                    _eload("d", decoding=4)])
     assert (p.prefill, p.data_parallel) == ("b", False)
     # A cached prefix shortens what is left: a long prompt mostly cached on "b" runs whole there.
     p = plan(1000, [_eload("a"), _eload("b", cached=900)])

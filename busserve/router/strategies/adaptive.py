@@ -22,6 +22,10 @@ prefill side and the rest the decode side (the same on every router replica, no 
   plus ``f_per_queued_s`` per second of prefill queued on the prefill side, at most ``f_max``: a fixed f lets the
   prefill queue grow without bound once the load outruns one prefill engine. It drops to 0 while the decode engine
   already has prefill queued, since the tail would wait behind it and stall its decoders twice;
+* **long, while the prefill side has at least ``absorb_queued_s`` queued and the decode engine is nearly idle** (at
+  most ``absorb_decoders`` requests decoding, no prefill of its own): whole, on the decode engine. A burst then
+  costs a few decoders one prefill's stall instead of queueing on one engine (``absorb_decoders=-1`` turns this
+  off);
 * **long, while every prefill-side engine has requests decoding** (short prompts that ran whole there): whole, on
   the least-loaded engine. Disaggregating gains by putting a long prefill where nobody waits on it; with decoders
   there it would stall them for the whole prefill (data parallel stalls each engine's for half of them) and pay
@@ -82,7 +86,8 @@ def sides(engines: Sequence[EngineLoad]) -> tuple[list[EngineLoad], list[EngineL
 
 
 def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_max: float = 0.3,
-         f_per_queued_s: float = 0.05, short_prompt: int = 256, prefill_tokens_per_s: float = 1000.0) -> Plan:
+         f_per_queued_s: float = 0.05, short_prompt: int = 256, prefill_tokens_per_s: float = 1000.0,
+         absorb_decoders: int = 3, absorb_queued_s: float = 0.5) -> Plan:
     """How to serve one request. Pure: unit-tested without a bus."""
     prefill_side, decode_side = sides(engines)
     if not decode_side:
@@ -117,10 +122,16 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
     if not quiet and whole:
         return run_whole(whole)
     p = min(quiet or candidates, key=lambda e: (e.backlog + own(e), e.requests, e.id))
+    queued_s = p.backlog / prefill_tokens_per_s
+    # A burst queues on the prefill side while the decode engine, with few decoders and nothing to prefill, has
+    # spare time: it takes the whole prompt. That stalls at most ``absorb_decoders`` requests for one prefill and
+    # spares this one the queue — and everyone behind it its share. With more decoders there the stall costs more
+    # than the queue saves (an earlier rule that absorbed regardless of them measured +12% / +25% P99).
+    if (d.can_prefill and d.backlog == 0 and d.decoding <= absorb_decoders and queued_s >= absorb_queued_s):
+        return Plan(d.id, d.id, 0, 0.0)
     # The prefill side's queue sets the balance factor: the longer it is, the more of each prompt the decode engine
     # takes, up to ``f_max`` — a fixed f either leaves the queue to grow at high load (PD's TTFT diverges at 80%)
     # or stalls decoders for nothing at low load.
-    queued_s = p.backlog / prefill_tokens_per_s
     factor = 0.0 if d.backlog > 0 else min(max(f, f_max), f + f_per_queued_s * queued_s)
     # What the decode engine already caches of [0, end) never travels (``disaggregate`` sends from its match on).
     return Plan(p.id, d.id, min(prompt_len - 1, math.floor((1 - factor) * prompt_len)), factor)
@@ -134,13 +145,15 @@ def _load(e: Engine, req: Request) -> EngineLoad:
 @strategy("adaptive")
 async def adaptive(req: Request, cluster: Cluster, *, f: float = 0.1, f_max: float = 0.3,
                    f_per_queued_s: float = 0.05, short_prompt: int = 256,
-                   prefill_tokens_per_s: float = 1000.0) -> None:
+                   prefill_tokens_per_s: float = 1000.0, absorb_decoders: int = 3,
+                   absorb_queued_s: float = 0.5) -> None:
     for name, value in (("f", f), ("f_max", f_max)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"adaptive: {name} must be in [0, 1), got {value}")
     engines = {e.id: e for e in cluster.engines()}
     best = plan(req.prompt_len, [_load(e, req) for e in engines.values()], f=f, f_max=f_max,
-                f_per_queued_s=f_per_queued_s, short_prompt=short_prompt, prefill_tokens_per_s=prefill_tokens_per_s)
+                f_per_queued_s=f_per_queued_s, short_prompt=short_prompt, prefill_tokens_per_s=prefill_tokens_per_s,
+                absorb_decoders=absorb_decoders, absorb_queued_s=absorb_queued_s)
     if best.data_parallel:
         await run_on(req, engines[best.decode])
     else:
