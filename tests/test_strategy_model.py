@@ -31,7 +31,7 @@ def test_one_engine_with_fixed_prefills_is_an_md1_queue(model: ModuleType) -> No
     def one_engine(prompt_len, engines):  # type: ignore[no-untyped-def]
         return engines[0], engines[0], 0
 
-    s = model.simulate(one_engine, rate, 20000, seed=1, cost=cost, input_len="fixed:1024", output_len="fixed:1")
+    s = model.simulate(one_engine, rate, 20000, seed=1, cost=cost, workload="fixed:1024/1")
     expected_wait = 0.7 * service / (2 * (1 - 0.7))
     assert s.finished == 20000
     assert s.jct_mean == pytest.approx(service + expected_wait, rel=0.05)

@@ -122,7 +122,13 @@ def test_adaptive_plans_per_request() -> None:
     p = plan(128, [_eload("a", requests=1), _eload("b", requests=2)])
     assert p.data_parallel and p.decode == "a"
     p = plan(128, [_eload("a", requests=3), _eload("b", requests=2)])
+    assert p.data_parallel and p.decode == "b" and p.short
+    # ...unless long prompts came recently: then they keep to the decode side, off the long prefills' engine.
+    p = plan(128, [_eload("a"), _eload("b", requests=4)], since_long_s=3.0)
     assert p.data_parallel and p.decode == "b"
+    assert plan(128, [_eload("a"), _eload("b", requests=4)], since_long_s=30.0).decode == "a"
+    assert plan(128, [_eload("a"), _eload("b", requests=4)], since_long_s=3.0, memory_s=0).decode == "a"
+    assert not plan(1000, [_eload("a"), _eload("b")]).short
     # Long prompts: prefill on "a", the last tenth and decode on "b" (balanced PD, f = 0.1)...
     p = plan(1000, [_eload("a"), _eload("b", decoding=3)])
     assert (p.prefill, p.decode, p.end, p.f) == ("a", "b", 900, 0.1)
@@ -144,6 +150,10 @@ def test_adaptive_plans_per_request() -> None:
     assert not plan(1000, [_eload("a", backlog=600), _eload("b", decoding=4)]).data_parallel
     assert not plan(1000, [_eload("a", backlog=600), _eload("b", decoding=1, backlog=50)]).data_parallel
     assert not plan(1000, [_eload("a", backlog=600), _eload("b")], absorb_decoders=-1).data_parallel
+    # Nor while short prompts are arriving: their decoders have long answers ahead.
+    p = plan(1000, [_eload("a", backlog=600), _eload("b")], since_short_s=2.0)
+    assert (p.data_parallel, p.end, p.f) == (False, 999, 0.0)  # nor a tail: plain PD
+    assert plan(1000, [_eload("a", backlog=600), _eload("b")], since_short_s=20.0).data_parallel
     # A decode-only engine (operator roles) never takes a whole prompt.
     p = plan(1000, [_eload("a", backlog=5000, roles=(True, False)), _eload("b", roles=(False, True))])
     assert (p.prefill, p.decode, p.data_parallel) == ("a", "b", False)

@@ -16,16 +16,18 @@ prefill side and the rest the decode side (the same on every router replica, no 
 --roles prefill --roles decode`` lays them out); roles set by an operator override this. Then, for each request:
 
 * **short** (at most ``short_prompt`` tokens left to compute on some engine, cached prefix included): whole, on the
-  least-loaded engine — data parallel;
+  least-loaded engine — data parallel; but while long prompts are arriving (one served within ``memory_s``),
+  on the least-loaded decode-side engine, as in PD: no long prefill stalls its decode steps there, and the
+  prefill side stays quiet for the next long prompt;
 * **long, while a prefill-side engine has nobody decoding**: prefill there (the quiet engine that reaches the
   request soonest, counting its cached prefix), decode on the least-loaded decode engine, balance factor ``f``
   plus ``f_per_queued_s`` per second of prefill queued on the prefill side, at most ``f_max``: a fixed f lets the
   prefill queue grow without bound once the load outruns one prefill engine. It drops to 0 while the decode engine
   already has prefill queued, since the tail would wait behind it and stall its decoders twice;
 * **long, while the prefill side has at least ``absorb_queued_s`` queued and the decode engine is nearly idle** (at
-  most ``absorb_decoders`` requests decoding, no prefill of its own): whole, on the decode engine. A burst then
-  costs a few decoders one prefill's stall instead of queueing on one engine (``absorb_decoders=-1`` turns this
-  off);
+  most ``absorb_decoders`` requests decoding, no prefill of its own, no short prompt within ``memory_s``): whole,
+  on the decode engine. A burst then costs a few decoders one prefill's stall instead of queueing on one engine
+  (``absorb_decoders=-1`` turns this off);
 * **long, while every prefill-side engine has requests decoding** (short prompts that ran whole there): whole, on
   the least-loaded engine. Disaggregating gains by putting a long prefill where nobody waits on it; with decoders
   there it would stall them for the whole prefill (data parallel stalls each engine's for half of them) and pay
@@ -39,6 +41,7 @@ benchmark machine prefills (docs/BENCHMARKS.md). Set it for other hardware with
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,6 +69,7 @@ class Plan:
     decode: str
     end: int  # 0 for data parallel
     f: float
+    short: bool = False  # chosen by the short-prompt rule; the strategy remembers when it last saw each kind
 
     @property
     def data_parallel(self) -> bool:
@@ -87,8 +91,10 @@ def sides(engines: Sequence[EngineLoad]) -> tuple[list[EngineLoad], list[EngineL
 
 def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_max: float = 0.3,
          f_per_queued_s: float = 0.05, short_prompt: int = 256, prefill_tokens_per_s: float = 1000.0,
-         absorb_decoders: int = 3, absorb_queued_s: float = 0.5) -> Plan:
-    """How to serve one request. Pure: unit-tested without a bus."""
+         absorb_decoders: int = 3, absorb_queued_s: float = 0.5, memory_s: float = 10.0,
+         since_long_s: float = math.inf, since_short_s: float = math.inf) -> Plan:
+    """How to serve one request. Pure: unit-tested without a bus. ``since_long_s`` / ``since_short_s``: seconds
+    since this router last served a long / short prompt."""
     prefill_side, decode_side = sides(engines)
     if not decode_side:
         raise NoEngine("no live engine with role decode")
@@ -96,17 +102,23 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
     def own(e: EngineLoad) -> int:
         return max(0, prompt_len - e.cached)
 
-    # Short prompts go anywhere, as in data parallel. Keeping them off a prefill side busy with long prompts (so
-    # that their decode steps never queue behind long chunks) measured worse on the mixed workload: +21% / +13%
-    # P99 at 60% / 80% load — it piles every chat decode onto the decode side, which is why PD loses on chat.
-    def run_whole(pool: list[EngineLoad]) -> Plan:
+    def run_whole(pool: list[EngineLoad], short: bool = False) -> Plan:
         e = min(pool, key=lambda e: (e.requests, own(e), e.id))
-        return Plan(e.id, e.id, 0, 0.0)
+        return Plan(e.id, e.id, 0, 0.0, short)
 
     whole = [e for e in engines if e.can_prefill and e.can_decode]
     short = [e for e in whole if own(e) <= short_prompt]
     if short:
-        return run_whole(short)
+        # Short prompts run whole. While long prompts are arriving (one within ``memory_s``) they keep to the
+        # decode side, as in PD, where no long prefill stalls their decode steps and a long prompt always finds a
+        # quiet prefill side (before the C++ decode kernel this measured +21% / +13% on the mixed workload; with
+        # it, PD beats data parallel there and this is how adaptive follows). Chat alone runs data parallel.
+        split = {e.id for e in decode_side} != {e.id for e in prefill_side}
+        decode_ids = {e.id for e in decode_side}
+        kept = [e for e in short if e.id in decode_ids]
+        if since_long_s < memory_s and split and kept:
+            return run_whole(kept, short=True)
+        return run_whole(short, short=True)
     if whole and not any(p.id != d.id for p in prefill_side for d in decode_side):
         return run_whole(whole)
     if not prefill_side:
@@ -127,12 +139,17 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
     # spare time: it takes the whole prompt. That stalls at most ``absorb_decoders`` requests for one prefill and
     # spares this one the queue — and everyone behind it its share. With more decoders there the stall costs more
     # than the queue saves (an earlier rule that absorbed regardless of them measured +12% / +25% P99).
-    if (d.can_prefill and d.backlog == 0 and d.decoding <= absorb_decoders and queued_s >= absorb_queued_s):
+    # While short prompts are arriving the decode engine prefills nothing of a long prompt — not the whole, not a
+    # tail: their decoders have long answers ahead and make mixed's P99 (a tail of f ≤ 0.3 kept their TPOT p99 at
+    # ~100 ms where PD's is ~85).
+    chat = since_short_s < memory_s
+    if (d.can_prefill and d.backlog == 0 and d.decoding <= absorb_decoders and queued_s >= absorb_queued_s
+            and not chat):
         return Plan(d.id, d.id, 0, 0.0)
     # The prefill side's queue sets the balance factor: the longer it is, the more of each prompt the decode engine
     # takes, up to ``f_max`` — a fixed f either leaves the queue to grow at high load (PD's TTFT diverges at 80%)
     # or stalls decoders for nothing at low load.
-    factor = 0.0 if d.backlog > 0 else min(max(f, f_max), f + f_per_queued_s * queued_s)
+    factor = 0.0 if d.backlog > 0 or chat else min(max(f, f_max), f + f_per_queued_s * queued_s)
     # What the decode engine already caches of [0, end) never travels (``disaggregate`` sends from its match on).
     return Plan(p.id, d.id, min(prompt_len - 1, math.floor((1 - factor) * prompt_len)), factor)
 
@@ -142,18 +159,27 @@ def _load(e: Engine, req: Request) -> EngineLoad:
                       backlog=e.prefill_backlog, decoding=e.decoding, cached=e.cached_prefix(req))
 
 
+# When this router last served a short / long prompt, by (model, short): the one piece of history the choice reads.
+# Per process, so router replicas each judge the traffic they see.
+_last_seen: dict[tuple[str, bool], float] = {}
+
+
 @strategy("adaptive")
 async def adaptive(req: Request, cluster: Cluster, *, f: float = 0.1, f_max: float = 0.3,
                    f_per_queued_s: float = 0.05, short_prompt: int = 256,
                    prefill_tokens_per_s: float = 1000.0, absorb_decoders: int = 3,
-                   absorb_queued_s: float = 0.5) -> None:
+                   absorb_queued_s: float = 0.5, memory_s: float = 10.0) -> None:
     for name, value in (("f", f), ("f_max", f_max)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"adaptive: {name} must be in [0, 1), got {value}")
     engines = {e.id: e for e in cluster.engines()}
+    now = time.monotonic()
     best = plan(req.prompt_len, [_load(e, req) for e in engines.values()], f=f, f_max=f_max,
                 f_per_queued_s=f_per_queued_s, short_prompt=short_prompt, prefill_tokens_per_s=prefill_tokens_per_s,
-                absorb_decoders=absorb_decoders, absorb_queued_s=absorb_queued_s)
+                absorb_decoders=absorb_decoders, absorb_queued_s=absorb_queued_s, memory_s=memory_s,
+                since_long_s=now - _last_seen.get((cluster.model, False), -math.inf),
+                since_short_s=now - _last_seen.get((cluster.model, True), -math.inf))
+    _last_seen[(cluster.model, best.short)] = now
     if best.data_parallel:
         await run_on(req, engines[best.decode])
     else:
