@@ -42,13 +42,23 @@ def _prefilling(core: EngineCore) -> bool:
     return bool(core.scheduler.waiting) or any(s.is_prefill for s in core.scheduler.running)
 
 
-def decode_step_s(core: EngineCore, batch: int, ctx: int, steps: int, rng: random.Random,
-                  profile: bool = False) -> float:
+def _start_decoders(core: EngineCore, batch: int, ctx: int, max_tokens: int, rng: random.Random) -> None:
+    """``batch`` sequences of ``ctx`` tokens, prefilled and past their first (allocating) decode step."""
     for _ in range(batch):
-        _submit(core, ctx, steps + 8, rng)
+        _submit(core, ctx, max_tokens, rng)
     while _prefilling(core):
         core.step()
-    core.step()  # one step untimed: the first decode step after a prefill allocates
+    core.step()  # untimed: the first decode step after a prefill allocates
+
+
+def _drop_all(core: EngineCore) -> None:
+    for rid in list(core.scheduler.by_id):
+        core._drop(rid, notify=False, reason="benchmark done")
+
+
+def decode_step_s(core: EngineCore, batch: int, ctx: int, steps: int, rng: random.Random,
+                  profile: bool = False) -> float:
+    _start_decoders(core, batch, ctx, steps + 8, rng)
     start = time.perf_counter()
     if profile:
         with torch.profiler.profile() as prof:
@@ -59,8 +69,7 @@ def decode_step_s(core: EngineCore, batch: int, ctx: int, steps: int, rng: rando
         for _ in range(steps):
             core.step()
     elapsed = (time.perf_counter() - start) / steps
-    for rid in list(core.scheduler.by_id):
-        core._drop(rid, notify=False, reason="benchmark done")
+    _drop_all(core)
     return elapsed
 
 
@@ -79,11 +88,7 @@ def mixed_steps(core: EngineCore, batch: int, ctx: int, chunks: list[int], rng: 
                     row.append("–")
                     continue
                 config.max_batch_tokens = max(budget, prompt)
-                for _ in range(decoders):
-                    _submit(core, ctx, 10_000, rng)
-                while _prefilling(core):
-                    core.step()
-                core.step()  # the first decode step after a prefill allocates
+                _start_decoders(core, decoders, ctx, 10_000, rng)
                 config.max_batch_tokens = decoders + chunk
                 if chunk:
                     _submit(core, prompt, 2, rng)
@@ -92,8 +97,7 @@ def mixed_steps(core: EngineCore, batch: int, ctx: int, chunks: list[int], rng: 
                     core.step()
                     steps += 1
                 row.append(f"{(time.perf_counter() - start) / steps * 1e3:.1f}")
-                for rid in list(core.scheduler.by_id):
-                    core._drop(rid, notify=False, reason="benchmark done")
+                _drop_all(core)
             print(f"| {chunk} | {row[0]} | {row[1]} |", flush=True)
     finally:
         config.max_batch_tokens = budget

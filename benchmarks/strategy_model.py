@@ -50,8 +50,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from busserve.bench.datasets import length_sampler
+from busserve.bench.main import parse_strategy
+from busserve.bench.metrics import percentile
 from busserve.engine.scheduler import SchedulerConfig
-from busserve.router.strategies.adaptive import EngineLoad, plan
+from busserve.router.strategies.adaptive import EngineLoad, plan_remembering
 from busserve.router.strategy import coerce_params, load_strategy
 
 
@@ -206,15 +208,12 @@ def balanced_pd(f: float) -> Policy:
 
 
 def adaptive(**params: float) -> Policy:
-    last_seen = {True: -math.inf, False: -math.inf}  # as the strategy keeps it: when it last served a short / long
+    seen: dict[bool, float] = {}  # the strategy's memory of short / long prompts, on the model's clock
 
     def route(prompt_len: int, engines: list[ModelEngine]) -> Route:
-        now = engines[0].loop.now
         loads = [EngineLoad(id=e.id, can_prefill=True, can_decode=True, requests=e.requests, backlog=e.backlog,
                             decoding=e.decoders, cached=0) for e in engines]
-        p = plan(prompt_len, loads, since_long_s=now - last_seen[False], since_short_s=now - last_seen[True],
-                 **params)  # type: ignore[arg-type]
-        last_seen[p.short] = now
+        p = plan_remembering(prompt_len, loads, seen, engines[0].loop.now, **params)
         by_id = {e.id: e for e in engines}
         return by_id[p.prefill], by_id[p.decode], p.end
     return route
@@ -222,12 +221,11 @@ def adaptive(**params: float) -> Policy:
 
 def policy_from(spec: str) -> Policy:
     """``least_loaded``, ``pd``, ``balanced_pd:f=0.1``, ``adaptive:absorb_decoders=2,...``."""
-    name, _, raw = spec.partition(":")
-    params = dict(item.split("=", 1) for item in raw.split(",") if item)
+    name, params = parse_strategy(spec)
     if name == "least_loaded":
         return least_loaded
     if name in ("pd", "balanced_pd"):
-        return balanced_pd(float(params.get("f", 0.1 if name == "balanced_pd" else 0.0)))
+        return balanced_pd(float(params.get("f", 0.1 if name == "balanced_pd" else 0.0)))  # type: ignore[arg-type]
     if name == "adaptive":
         return adaptive(**coerce_params(load_strategy("adaptive"), params))  # type: ignore[arg-type]
     raise ValueError(f"the model knows least_loaded, pd, balanced_pd and adaptive, not {name!r}")
@@ -243,11 +241,6 @@ class Summary:
     ttft_p99: float
     finished: int = 0
     jcts: list[float] = field(default_factory=list, repr=False)
-
-
-def percentile(xs: Sequence[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 WORKLOADS = {  # (input, output) lengths as busserve/bench/datasets.py draws them; mixed is half of each

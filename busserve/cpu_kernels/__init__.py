@@ -16,6 +16,7 @@ building; ``load()`` builds if needed and loads, raising ``KernelBuildError`` wi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -39,6 +40,7 @@ class KernelBuildError(RuntimeError):
     pass
 
 
+@functools.cache
 def _cpuinfo(field: str) -> str:
     """The first ``field`` line of /proc/cpuinfo ("" where there is none)."""
     try:

@@ -107,19 +107,19 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
         return Plan(e.id, e.id, 0, 0.0, short)
 
     whole = [e for e in engines if e.can_prefill and e.can_decode]
+    split = any(p.id != d.id for p in prefill_side for d in decode_side)  # a prefill and a decode engine apart
     short = [e for e in whole if own(e) <= short_prompt]
     if short:
         # Short prompts run whole. While long prompts are arriving (one within ``memory_s``) they keep to the
         # decode side, as in PD, where no long prefill stalls their decode steps and a long prompt always finds a
         # quiet prefill side (before the C++ decode kernel this measured +21% / +13% on the mixed workload; with
         # it, PD beats data parallel there and this is how adaptive follows). Chat alone runs data parallel.
-        split = {e.id for e in decode_side} != {e.id for e in prefill_side}
         decode_ids = {e.id for e in decode_side}
         kept = [e for e in short if e.id in decode_ids]
         if since_long_s < memory_s and split and kept:
             return run_whole(kept, short=True)
         return run_whole(short, short=True)
-    if whole and not any(p.id != d.id for p in prefill_side for d in decode_side):
+    if whole and not split:
         return run_whole(whole)
     if not prefill_side:
         raise NoEngine("no live engine with role prefill")
@@ -154,14 +154,24 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
     return Plan(p.id, d.id, min(prompt_len - 1, math.floor((1 - factor) * prompt_len)), factor)
 
 
+def plan_remembering(prompt_len: int, engines: Sequence[EngineLoad], seen: dict[bool, float], now: float,
+                     **settings: float) -> Plan:
+    """``plan`` with the strategy's one piece of history: ``seen`` maps ``short`` → when this router last served a
+    prompt of that kind (seconds, any monotonic clock); updated with this one."""
+    best = plan(prompt_len, engines, since_long_s=now - seen.get(False, -math.inf),
+                since_short_s=now - seen.get(True, -math.inf), **settings)  # type: ignore[arg-type]
+    seen[best.short] = now
+    return best
+
+
 def _load(e: Engine, req: Request) -> EngineLoad:
     return EngineLoad(id=e.id, can_prefill="prefill" in e.roles, can_decode="decode" in e.roles, requests=e.load,
                       backlog=e.prefill_backlog, decoding=e.decoding, cached=e.cached_prefix(req))
 
 
-# When this router last served a short / long prompt, by (model, short): the one piece of history the choice reads.
-# Per process, so router replicas each judge the traffic they see.
-_last_seen: dict[tuple[str, bool], float] = {}
+# When this router last served a short / long prompt, per model (``plan_remembering``'s ``seen``). Per process, so
+# router replicas each judge the traffic they see.
+_last_seen: dict[str, dict[bool, float]] = {}
 
 
 @strategy("adaptive")
@@ -173,13 +183,11 @@ async def adaptive(req: Request, cluster: Cluster, *, f: float = 0.1, f_max: flo
         if not 0.0 <= value < 1.0:
             raise ValueError(f"adaptive: {name} must be in [0, 1), got {value}")
     engines = {e.id: e for e in cluster.engines()}
-    now = time.monotonic()
-    best = plan(req.prompt_len, [_load(e, req) for e in engines.values()], f=f, f_max=f_max,
-                f_per_queued_s=f_per_queued_s, short_prompt=short_prompt, prefill_tokens_per_s=prefill_tokens_per_s,
-                absorb_decoders=absorb_decoders, absorb_queued_s=absorb_queued_s, memory_s=memory_s,
-                since_long_s=now - _last_seen.get((cluster.model, False), -math.inf),
-                since_short_s=now - _last_seen.get((cluster.model, True), -math.inf))
-    _last_seen[(cluster.model, best.short)] = now
+    best = plan_remembering(req.prompt_len, [_load(e, req) for e in engines.values()],
+                            _last_seen.setdefault(cluster.model, {}), time.monotonic(), f=f, f_max=f_max,
+                            f_per_queued_s=f_per_queued_s, short_prompt=short_prompt,
+                            prefill_tokens_per_s=prefill_tokens_per_s, absorb_decoders=absorb_decoders,
+                            absorb_queued_s=absorb_queued_s, memory_s=memory_s)
     if best.data_parallel:
         await run_on(req, engines[best.decode])
     else:
