@@ -31,8 +31,8 @@ What is modelled, and from where:
 * ``adaptive`` is the real ``plan()`` from busserve/router/strategies/adaptive.py, fed the model's engine state;
   ``least_loaded`` and ``pd``/``balanced_pd`` are their few lines.
 
-Where it is known to be wrong: on the mixed workload it puts every strategy within ±2% of data parallel, while the
-real runs find ``pd`` 5–16% ahead (docs/BENCHMARKS.md) — the real decode engine with many short-context chat
+Where it is known to be wrong: on the mixed workload it puts every strategy within ±3% of data parallel, while the
+real runs find ``pd`` 4–16% ahead (docs/BENCHMARKS.md) — the real decode engine with many short-context chat
 decoders has costs the linear model lacks. Its long-input rankings held when run for real.
 """
 

@@ -128,6 +128,15 @@ def test_adaptive_plans_per_request() -> None:
     assert p.data_parallel and p.decode == "b"
     assert plan(128, [_eload("a"), _eload("b", requests=4)], since_long_s=30.0).decode == "a"
     assert plan(128, [_eload("a"), _eload("b", requests=4)], since_long_s=3.0, memory_s=0).decode == "a"
+    # With requests decoding there, the prompt is prefilled on the prefill side (as in PD) while that has at most
+    # short_wait_s (0.5 s at 1000 tokens/s) queued; past that, or with nobody to stall, it runs whole on "b".
+    p = plan(128, [_eload("a", backlog=400), _eload("b", decoding=2)], since_long_s=3.0)
+    assert (p.prefill, p.decode, p.end, p.f, p.short) == ("a", "b", 127, 0.0, True)
+    assert plan(128, [_eload("a", backlog=600), _eload("b", decoding=2)], since_long_s=3.0).data_parallel
+    assert plan(128, [_eload("a", backlog=600), _eload("b", decoding=2)], since_long_s=3.0,
+                short_wait_s=1.0).prefill == "a"
+    assert plan(128, [_eload("a", decoding=1), _eload("b", decoding=2)], since_long_s=3.0).data_parallel
+    assert plan(128, [_eload("a"), _eload("b", decoding=2, cached=127)], since_long_s=3.0).data_parallel
     assert not plan(1000, [_eload("a"), _eload("b")]).short
     # Long prompts: prefill on "a", the last tenth and decode on "b" (balanced PD, f = 0.1)...
     p = plan(1000, [_eload("a"), _eload("b", decoding=3)])
