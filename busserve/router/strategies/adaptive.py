@@ -104,8 +104,11 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
     def own(e: EngineLoad) -> int:
         return max(0, prompt_len - e.cached)
 
+    def least_loaded(pool: list[EngineLoad]) -> EngineLoad:
+        return min(pool, key=lambda e: (e.requests, own(e), e.id))
+
     def run_whole(pool: list[EngineLoad], short: bool = False) -> Plan:
-        e = min(pool, key=lambda e: (e.requests, own(e), e.id))
+        e = least_loaded(pool)
         return Plan(e.id, e.id, 0, 0.0, short)
 
     whole = [e for e in engines if e.can_prefill and e.can_decode]
@@ -120,7 +123,7 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
         kept = [e for e in short if e.id in decode_ids]
         if not (since_long_s < memory_s and split and kept):
             return run_whole(short, short=True)
-        d = min(kept, key=lambda e: (e.requests, own(e), e.id))
+        d = least_loaded(kept)
         # Its prefill, though, goes to the prefill side when that has at most ``short_wait_s`` queued: prefilled
         # on the decode engine it stalls everyone decoding there — the chat answers whose length sets mixed's P99
         # (that way their TPOT ran ~5% above PD's, and mixed's P99 5% behind it at 80% load). A longer queue there
