@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from busserve.bench.datasets import length_sampler
+from busserve.bench.datasets import CHAT_LENGTHS, LONG_INPUT_LENGTHS, length_sampler
 from busserve.bench.main import parse_strategy
 from busserve.bench.metrics import percentile
 from busserve.engine.scheduler import SchedulerConfig
@@ -243,10 +243,7 @@ class Summary:
     jcts: list[float] = field(default_factory=list, repr=False)
 
 
-WORKLOADS = {  # (input, output) lengths as busserve/bench/datasets.py draws them; mixed is half of each
-    "long": ("normal:1024,256", "normal:32,8"),
-    "chat": ("normal:128,32", "normal:128,32"),
-}
+WORKLOADS = {"long": LONG_INPUT_LENGTHS, "chat": CHAT_LENGTHS}  # (input, output) length specs; mixed: half of each
 
 
 def workload_lengths(name: str, rng: random.Random) -> Callable[[], tuple[int, int]]:

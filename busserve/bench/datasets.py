@@ -65,12 +65,18 @@ def synthetic(n: int, input_len: str, output_len: str, seed: int = 0, kind: str 
     return [Sample(_tokens(rng, lin()), lout(), kind) for _ in range(n)]
 
 
-def long_input(n: int, seed: int = 0, input_len: str = "normal:1024,256", output_len: str = "normal:32,8"
+# (input, output) length specs of the paper experiment's workloads (issue #7; benchmarks/strategy_model.py draws
+# the same lengths).
+LONG_INPUT_LENGTHS = ("normal:1024,256", "normal:32,8")
+CHAT_LENGTHS = ("normal:128,32", "normal:128,32")
+
+
+def long_input(n: int, seed: int = 0, input_len: str = LONG_INPUT_LENGTHS[0], output_len: str = LONG_INPUT_LENGTHS[1]
                ) -> list[Sample]:
     return synthetic(n, input_len, output_len, seed, kind="long")
 
 
-def chat(n: int, seed: int = 0, input_len: str = "normal:128,32", output_len: str = "normal:128,32") -> list[Sample]:
+def chat(n: int, seed: int = 0, input_len: str = CHAT_LENGTHS[0], output_len: str = CHAT_LENGTHS[1]) -> list[Sample]:
     return synthetic(n, input_len, output_len, seed, kind="chat")
 
 
