@@ -10,6 +10,9 @@ then time ``--steps`` pure decode steps.
 ``--attention torch,cpu`` (the default) times the same shapes through each decode-attention backend side by side,
 in one process, alternating backends shape by shape so that drift on a shared machine hits both alike.
 
+``--linear torch,auto`` does the same for the linear layers: torch's ``F.linear`` against weights packed once by
+oneDNN (busserve/engine/packed_linear.py), each on its own copy of the model.
+
 ``--mixed 4x1000`` instead times steps that carry prompt tokens beside those decoders — a 1,024-token prompt in
 chunks of 32…1,024 tokens — and the same prompt with nobody decoding: what a prompt token costs a decode engine.
 benchmarks/strategy_model.py's cost model is fitted to it.
@@ -25,6 +28,7 @@ import torch
 
 from busserve.engine.engine_core import EngineCore
 from busserve.engine.main import EngineOptions, build_core
+from busserve.engine.model_loader import LoadedModel
 from busserve.engine.requests import GenerateCmd
 from busserve.messages import SamplingParams
 
@@ -110,20 +114,24 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--attention", default="torch,cpu", help="decode backends to compare, comma-separated")
+    ap.add_argument("--linear", default="auto",
+                    help="linear-layer modes to compare, comma-separated (auto = oneDNN-packed weights, torch)")
     ap.add_argument("--profile", metavar="BATCHxCONTEXT",
                     help="also print torch.profiler's table for this shape (through the last backend listed)")
     ap.add_argument("--mixed", metavar="BATCHxCONTEXT",
                     help="time steps carrying prompt chunks beside these decoders instead (first backend listed)")
     ap.add_argument("--chunks", default="0,32,64,128,256,512,1024", help="prompt tokens per step, for --mixed")
     args = ap.parse_args()
-    names = args.attention.split(",")
+    # One column per (attention, linear) pair; a model is loaded once per linear mode (packing changes it).
+    variants = [(a, lin) for lin in args.linear.split(",") for a in args.attention.split(",")]
+    names = [a if len(args.linear.split(",")) == 1 else f"{a}+{lin}" for a, lin in variants]
     cores: dict[str, EngineCore] = {}
-    loaded = None
-    for name in names:
+    loaded_by_linear: dict[str, LoadedModel] = {}
+    for name, (attention, linear) in zip(names, variants, strict=True):
         opts = EngineOptions(engine_id=f"profile-{name}", threads=args.threads, dtype=args.dtype, transports=(),
-                             attention=name)
-        cores[name] = build_core(opts, loaded)
-        loaded = cores[name].loaded
+                             attention=attention, linear=linear)
+        cores[name] = build_core(opts, loaded_by_linear.get(linear))
+        loaded_by_linear[linear] = cores[name].loaded
     rng = random.Random(0)
     if args.mixed:
         b, c = (int(x) for x in args.mixed.split("x"))

@@ -62,7 +62,7 @@ def engine_command(args: argparse.Namespace, url: str, engine_id: str, threads: 
     cmd = [sys.executable, "-m", "busserve.cli", "--log-level", args.log_level, "engine", "--id", engine_id,
            "--threads", str(threads), "--roles", roles, "--metrics-port", str(free_port()), "--dtype", args.dtype, "--page-size", str(args.page_size),
            "--kv-memory", args.kv_memory, "--max-running", str(args.max_running), "--device", args.device,
-           "--attention", args.attention,
+           "--attention", args.attention, "--linear", args.linear,
            *_common_bus_flags(args, url)]
     for flag, value in (("--model", args.model), ("--kv-pages", args.kv_pages),
                         ("--max-batch-tokens", args.max_batch_tokens), ("--max-model-len", args.max_model_len)):

@@ -18,6 +18,7 @@ from busserve.bus.config import BusConfig
 from busserve.engine.attention_backends import unavailable_reason
 from busserve.engine.engine_core import EngineConfig, EngineCore
 from busserve.engine.model_loader import LoadedModel, load_model, resolve_dtype
+from busserve.engine.packed_linear import maybe_pack
 from busserve.engine.runner import kv_layout_for
 from busserve.engine.service import EngineService, ServiceConfig
 from busserve.telemetry import setup as telemetry
@@ -53,6 +54,7 @@ class EngineOptions:
     metrics_port: int = 0
     metrics_host: str = "0.0.0.0"
     attention: str = "auto"
+    linear: str = "auto"
 
 
 def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> EngineCore:
@@ -61,6 +63,7 @@ def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> Engine
     if loaded is None:
         loaded = load_model(opts.model, dtype=resolve_dtype(opts.dtype, opts.device), device=opts.device,
                             max_model_len=opts.max_model_len)
+    maybe_pack(loaded.model, opts.linear)
     per_page = kv_layout_for(loaded, 1, opts.page_size, next(loaded.model.parameters()).dtype).nbytes
     num_pages = opts.kv_pages or max(16, parse_bytes(opts.kv_memory) // per_page)
     # CPU prefill is compute-bound: chunks of ~512 tokens keep decode steps short without losing throughput.
@@ -113,7 +116,7 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         max_batch_tokens=args.max_batch_tokens, max_running=args.max_running, max_model_len=args.max_model_len,
         threads=args.threads, transports=tuple(args.transport or ("shm", "bus")),
         roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()), metrics_port=args.metrics_port,
-        attention=args.attention,
+        attention=args.attention, linear=args.linear,
     )
 
 
