@@ -301,11 +301,14 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3, help="runs per setting; the table shows their means")
     ap.add_argument("--hop-ms", type=float, default=30.0, help="prefill end → decode engine queue, disaggregated")
     ap.add_argument("--scale", type=float, default=CostModel.scale)
+    ap.add_argument("--cost", default="", metavar="k=v,...",
+                    help="override CostModel fields, e.g. refitted to a new decode_step_profile --mixed table")
     ap.add_argument("--strategy", action="append", default=[], metavar="NAME[:k=v,...]")
     args = ap.parse_args()
     specs = args.strategy or ["least_loaded", "pd", "balanced_pd:f=0.1", "adaptive:absorb_decoders=-1",
                               "adaptive"]
-    cost = CostModel(scale=args.scale)
+    overrides = {k: float(v) for k, v in (kv.split("=", 1) for kv in args.cost.split(",") if kv)}
+    cost = CostModel(**{"scale": args.scale, **overrides})
     for rate in (float(r) for r in args.rates.split(",")):
         print(f"\n{args.workload}, {rate} req/s, {args.seeds} × {args.requests} requests, hop {args.hop_ms:.0f} ms, "
               f"scale {args.scale}\n")
