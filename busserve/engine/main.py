@@ -63,7 +63,7 @@ def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> Engine
     if loaded is None:
         loaded = load_model(opts.model, dtype=resolve_dtype(opts.dtype, opts.device), device=opts.device,
                             max_model_len=opts.max_model_len)
-    maybe_pack(loaded.model, opts.linear)
+    maybe_pack(loaded.model, opts.linear)  # in place, also for a model passed in: products are bit-identical
     per_page = kv_layout_for(loaded, 1, opts.page_size, next(loaded.model.parameters()).dtype).nbytes
     num_pages = opts.kv_pages or max(16, parse_bytes(opts.kv_memory) // per_page)
     # CPU prefill is compute-bound: chunks of ~512 tokens keep decode steps short without losing throughput.
