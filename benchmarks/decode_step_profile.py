@@ -123,8 +123,9 @@ def main() -> int:
     ap.add_argument("--chunks", default="0,32,64,128,256,512,1024", help="prompt tokens per step, for --mixed")
     args = ap.parse_args()
     # One column per (attention, linear) pair; a model is loaded once per linear mode (packing changes it).
-    variants = [(a, lin) for lin in args.linear.split(",") for a in args.attention.split(",")]
-    names = [a if len(args.linear.split(",")) == 1 else f"{a}+{lin}" for a, lin in variants]
+    linears = args.linear.split(",")
+    variants = [(a, lin) for lin in linears for a in args.attention.split(",")]
+    names = [a if len(linears) == 1 else f"{a}+{lin}" for a, lin in variants]
     cores: dict[str, EngineCore] = {}
     loaded_by_linear: dict[str, LoadedModel] = {}
     for name, (attention, linear) in zip(names, variants, strict=True):
