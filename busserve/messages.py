@@ -250,6 +250,9 @@ class StartGenerate(_Msg, tag="start_generate"):
 
     request_id: RequestId
     begin: Annotated[int, Meta(ge=0)]
+    # At most this many of the request's prompt tokens per step while other requests decode on the engine (each
+    # step stalls them for its whole prefill chunk); 0: the engine's own token budget.
+    prefill_chunk: Annotated[int, Meta(ge=0)] = 0
 
 
 class StartGenerateReply(_Msg, tag="start_generate_reply"):

@@ -517,7 +517,7 @@ class EngineCore:
             return Error(code="conflict", field="begin", request_id=rid,
                          message=f"start_generate begin={msg.begin} must equal prep_recv end={seq.parked_end}")
         self.landing.close(rid)
-        self.scheduler.start_parked(rid, msg.begin)
+        self.scheduler.start_parked(rid, msg.begin, msg.prefill_chunk)
         # From here the request generates on this engine: its spans hang under the start_generate sub-request.
         ctx: GenerateCtx = seq.ctx
         ctx.trace, ctx.t_arrival_ns, ctx.t_scheduled_ns = cmd.trace, cmd.received_ns, 0

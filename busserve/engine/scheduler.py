@@ -105,9 +105,10 @@ class Scheduler:
         self.parked[seq.request_id] = seq
         return seq.num_computed
 
-    def start_parked(self, request_id: str, begin: int) -> Sequence:
+    def start_parked(self, request_id: str, begin: int, prefill_chunk: int = 0) -> Sequence:
         """start_generate: the KV of ``[0, begin)`` is in place; queue the rest of the prefill and the decode."""
         seq = self.parked.pop(request_id)
+        seq.prefill_chunk = prefill_chunk
         if begin == 0:
             seq.num_computed = seq.num_cached = 0
             self.allocator.decref(seq.pages)
@@ -124,10 +125,13 @@ class Scheduler:
     def schedule(self) -> Batch:
         batch = Batch()
         budget = self.config.max_batch_tokens
+        # A sequence's ``prefill_chunk`` applies while others decode here: then every step stalls them for the
+        # whole of its chunk.
+        decoding = any(not s.is_prefill for s in self.running)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.remaining, budget)
+            n = min(seq.remaining, self._chunk(seq, budget, decoding))
             if n > 0:
                 if self._grow_or_preempt(seq, seq.num_computed + n, i):
                     batch.add(seq, n)
@@ -137,7 +141,7 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.waiting[0]
-            n = self._admit(seq, budget)
+            n = self._admit(seq, self._chunk(seq, budget, decoding))
             if n is None:
                 break
             self.waiting.popleft()
@@ -147,6 +151,10 @@ class Scheduler:
                 batch.add(seq, n)
                 budget -= n
         return batch
+
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int, decoding: bool) -> int:
+        return min(budget, seq.prefill_chunk) if decoding and seq.prefill_chunk > 0 else budget
 
     def _admit(self, seq: Sequence, budget: int) -> int | None:
         """Match a cached prefix (fresh sequences), then reserve pages for the first chunk. None: cannot admit."""

@@ -45,6 +45,7 @@ class Sequence:
     lease_deadline: float = 0.0  # PARKED only
     parked_end: int = 0  # PARKED: the ``end`` of prep_recv
     num_preemptions: int = 0
+    prefill_chunk: int = 0  # start_generate's cap on prompt tokens per step beside decoders; 0: none
     # Engine-side state (sampler settings, detokenizer, stream subject, transfer plan). Opaque here.
     ctx: Any = None
 

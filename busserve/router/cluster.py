@@ -165,15 +165,16 @@ class Engine:
             self._load.add(self.id, -1)
             self._load.prefill_done(req, self.id)
 
-    async def start_generate(self, req: Request, begin: int) -> StartGenerateReply:
-        """Prefill ``prompt[begin:]`` here on top of the received KV, then decode to the request's stream."""
+    async def start_generate(self, req: Request, begin: int, prefill_chunk: int = 0) -> StartGenerateReply:
+        """Prefill ``prompt[begin:]`` here on top of the received KV, then decode to the request's stream;
+        ``prefill_chunk`` > 0: at most that many prompt tokens per step while others decode here."""
         req.touched.add(self.id)
         self._load.assign(req, self.id)
         self._load.charge_prefill(req, self.id, max(0, req.prompt_len - max(begin, self.cached_prefix(req))))
         req.start_pending = self.id
         with sub_request_span("start_generate", self.id, req.request_id, **{A.RANGE_BEGIN: begin}):
             reply = await self._bus.request(self._subject("start_generate"), StartGenerate(
-                request_id=req.request_id, begin=begin), StartGenerateReply, timeout_s=self._t.start_generate_s)
+                request_id=req.request_id, begin=begin, prefill_chunk=prefill_chunk), StartGenerateReply, timeout_s=self._t.start_generate_s)
         req.started_on, req.start_pending = self.id, None
         return reply
 

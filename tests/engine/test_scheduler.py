@@ -165,6 +165,40 @@ def test_park_reserves_and_start_generates() -> None:
     run_to_completion(s)
 
 
+def test_prefill_chunk_caps_a_prompt_only_beside_decoders() -> None:
+    s = create_scheduler(budget=32)
+    # Nobody decoding: the cap does not apply, the prompt takes the whole budget.
+    alone = create_seq("alone", 40)
+    s.park(alone, end=0, lease_deadline=1e9)
+    s.start_parked("alone", begin=0, prefill_chunk=8)
+    assert s.schedule().num_tokens == [32]
+    s.finish(alone)
+    # Beside a decoder: at most 8 of its prompt tokens per step, the decoder's token besides.
+    d = create_seq("d", 4, max_tokens=100)
+    s.add(d)
+    s.advance(s.schedule())
+    d.token_ids.append(7)
+    p = create_seq("p", 20, base=100)
+    s.park(p, end=0, lease_deadline=1e9)
+    s.start_parked("p", begin=0, prefill_chunk=8)
+    steps = []
+    while p.is_prefill:
+        batch = s.schedule()
+        steps.append(batch.num_tokens)
+        s.advance(batch)
+        for q in batch.seqs:
+            if q.remaining == 0:
+                q.token_ids.append(7)
+    assert steps == [[1, 8], [1, 8], [1, 4]]
+    # A request without the cap still takes what the budget leaves.
+    q = create_seq("q", 40, base=200)
+    s.add(q)
+    assert s.schedule().num_tokens == [1, 1, 30]
+    for seq in (d, p, q):
+        s.finish(seq)
+    s.check_pages()
+
+
 def test_park_whole_prompt_recomputes_last_token() -> None:
     s = create_scheduler()
     seq = create_seq("p", 10)

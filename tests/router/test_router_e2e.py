@@ -91,7 +91,7 @@ async def _wait_router(bus: Bus, router_id: str = "r0", strategy: str | None = N
 
 STRATEGIES = [("least_loaded", {}), ("round_robin", {}), ("pd", {}), ("balanced_pd", {"f": 0.1}),
               ("balanced_pd", {"f": 0.5}), ("prefix_aware", {}), ("migrate", {"busy": 0, "min_prefix": 16}),
-              ("adaptive", {})]
+              ("adaptive", {}), ("least_loaded", {"prefill_chunk": 16}), ("adaptive", {"prefill_chunk": 16})]
 
 
 @pytest.mark.asyncio
@@ -238,6 +238,24 @@ async def test_a_strategy_process_serves_when_active(cluster: tuple[ProcessClust
         c.kill("strategy-custom", sig=15)
         await bus.close()
     assert proc.returncode is not None
+
+
+@pytest.mark.asyncio
+async def test_a_bad_prefill_chunk_fails_the_request_by_name(cluster: tuple[ProcessCluster, int],
+                                                             tiny: LoadedModel) -> None:
+    c, _ = cluster
+    bus = await _connect(c)
+    try:
+        await _set(bus, "least_loaded", prefill_chunk=-1)
+        req = GenerateRequest(prompt_token_ids=_prompt(tiny, 20, seed=5), sampling=SamplingParams(max_tokens=4))
+        events = [e async for e in bus.generate(req, first_event_timeout_s=60)]
+        assert len(events) == 1 and isinstance(events[0], Error) and "prefill_chunk" in events[0].message
+        await _set(bus, "least_loaded")
+        got, _ = await _tokens(bus, _prompt(tiny, 20, seed=5), n=8)  # and it goes on serving
+        assert len(got) == 8
+        await wait_idle_no_leaks(bus, {"A", "B"})
+    finally:
+        await bus.close()
 
 
 @pytest.mark.asyncio

@@ -140,10 +140,10 @@ def test_adaptive_plans_per_request() -> None:
     assert not plan(1000, [_eload("a"), _eload("b")]).short
     # Long prompts: prefill on "a", the last tenth and decode on "b" (balanced PD, f = 0.1)...
     p = plan(1000, [_eload("a"), _eload("b", decoding=3)])
-    assert (p.prefill, p.decode, p.end, p.f) == ("a", "b", 900, 0.1)
+    assert (p.prefill, p.decode, p.end, p.f, p.chunk) == ("a", "b", 900, 0.1, 256)
     # ...or plain PD while "b" already has prefill queued (the last tenth would wait behind it).
     p = plan(1000, [_eload("a"), _eload("b", decoding=3, backlog=100)])
-    assert (p.prefill, p.decode, p.end, p.f) == ("a", "b", 999, 0.0)
+    assert (p.prefill, p.decode, p.end, p.f, p.chunk) == ("a", "b", 999, 0.0, 0)
     assert plan(1000, [_eload("a"), _eload("b")], f=0.3).end == 700
     # The prefill side's queue raises f: 2 s queued → 0.2, and never past f_max.
     busy = _eload("b", decoding=4)
@@ -153,11 +153,15 @@ def test_adaptive_plans_per_request() -> None:
     # A queue on the prefill side (≥ 0.5 s) while the decode engine has at most 3 decoders and nothing to
     # prefill: the decode engine takes the whole prompt.
     p = plan(1000, [_eload("a", backlog=600), _eload("b", decoding=3)])
-    assert p.data_parallel and p.decode == "b"
-    # Not below the queue threshold, not with more decoders there, not while it has prefill of its own queued.
+    assert p.data_parallel and p.decode == "b" and p.chunk == 256  # beside its decoders, 256 tokens per step
+    assert plan(1000, [_eload("a", backlog=600), _eload("b", decoding=3)], prefill_chunk=0).chunk == 0
+    # Also with prefill of its own queued, while the prefill side's queue is still >= 0.5 s longer (the shorter
+    # queue: a burst spreads over both engines)...
+    assert plan(1000, [_eload("a", backlog=2000), _eload("b", decoding=1, backlog=1000)]).data_parallel
+    # ...but not below the threshold, not with more decoders there.
     assert not plan(1000, [_eload("a", backlog=400), _eload("b", decoding=3)]).data_parallel
     assert not plan(1000, [_eload("a", backlog=600), _eload("b", decoding=4)]).data_parallel
-    assert not plan(1000, [_eload("a", backlog=600), _eload("b", decoding=1, backlog=50)]).data_parallel
+    assert not plan(1000, [_eload("a", backlog=600), _eload("b", decoding=1, backlog=150)]).data_parallel
     assert not plan(1000, [_eload("a", backlog=600), _eload("b")], absorb_decoders=-1).data_parallel
     # Nor while short prompts are arriving: their decoders have long answers ahead.
     p = plan(1000, [_eload("a", backlog=600), _eload("b")], since_short_s=2.0)

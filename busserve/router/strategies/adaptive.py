@@ -25,11 +25,12 @@ prefill side and the rest the decode side (the same on every router replica, no 
   request soonest, counting its cached prefix), decode on the least-loaded decode engine, balance factor ``f``
   plus ``f_per_queued_s`` per second of prefill queued on the prefill side, at most ``f_max``: a fixed f lets the
   prefill queue grow without bound once the load outruns one prefill engine. It drops to 0 while the decode engine
-  already has prefill queued, since the tail would wait behind it and stall its decoders twice;
-* **long, while the prefill side has at least ``absorb_queued_s`` queued and the decode engine is nearly idle** (at
-  most ``absorb_decoders`` requests decoding, no prefill of its own, no short prompt within ``memory_s``): whole,
-  on the decode engine. A burst then costs a few decoders one prefill's stall instead of queueing on one engine
-  (``absorb_decoders=-1`` turns this off);
+  already has prefill queued, since the tail would wait behind it and stall its decoders twice. The tail too is
+  prefilled at most ``prefill_chunk`` tokens per step beside the decoders (``start_generate``'s ``prefill_chunk``);
+* **long, while the prefill side has at least ``absorb_queued_s`` more queued than the decode engine and that one is
+  nearly idle** (at most ``absorb_decoders`` requests decoding, no short prompt within ``memory_s``): whole, on the
+  decode engine, at most ``prefill_chunk`` prompt tokens per step beside its decoders. A burst then costs a few
+  decoders short stalls instead of queueing on one engine (``absorb_decoders=-1`` turns this off);
 * **long, while every prefill-side engine has requests decoding** (short prompts that ran whole there): whole, on
   the least-loaded engine. Disaggregating gains by putting a long prefill where nobody waits on it; with decoders
   there it would stall them for the whole prefill (data parallel stalls each engine's for half of them) and pay
@@ -48,7 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from busserve.router.cluster import Engine
-from busserve.router.strategies.common import disaggregate, run_on
+from busserve.router.strategies.common import check_prefill_chunk, disaggregate, run_on
 from busserve.router.strategy import Cluster, NoEngine, Request, strategy
 
 
@@ -72,6 +73,7 @@ class Plan:
     end: int  # 0 for data parallel
     f: float
     short: bool = False  # chosen by the short-prompt rule; the strategy remembers when it last saw each kind
+    chunk: int = 0  # start_generate's prefill_chunk: prompt tokens per step beside the decode engine's decoders
 
     @property
     def data_parallel(self) -> bool:
@@ -94,7 +96,8 @@ def sides(engines: Sequence[EngineLoad]) -> tuple[list[EngineLoad], list[EngineL
 def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_max: float = 0.3,
          f_per_queued_s: float = 0.05, short_prompt: int = 256, prefill_tokens_per_s: float = 1000.0,
          absorb_decoders: int = 3, absorb_queued_s: float = 0.5, memory_s: float = 10.0,
-         short_wait_s: float = 0.5, since_long_s: float = math.inf, since_short_s: float = math.inf) -> Plan:
+         short_wait_s: float = 0.5, prefill_chunk: int = 256, since_long_s: float = math.inf,
+         since_short_s: float = math.inf) -> Plan:
     """How to serve one request. Pure: unit-tested without a bus. ``since_long_s`` / ``since_short_s``: seconds
     since this router last served a long / short prompt."""
     prefill_side, decode_side = sides(engines)
@@ -150,23 +153,26 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
         return run_whole(whole)
     p = min(quiet or candidates, key=lambda e: (e.backlog + own(e), e.requests, e.id))
     queued_s = p.backlog / prefill_tokens_per_s
-    # A burst queues on the prefill side while the decode engine, with few decoders and nothing to prefill, has
-    # spare time: it takes the whole prompt. That stalls at most ``absorb_decoders`` requests for one prefill and
-    # spares this one the queue — and everyone behind it its share. With more decoders there the stall costs more
-    # than the queue saves (an earlier rule that absorbed regardless of them measured +12% / +25% P99).
+    # A burst queues on the prefill side while the decode engine, with few decoders, has spare time: it takes the
+    # whole prompt while its own prefill queue is at least ``absorb_queued_s`` shorter (join the shorter queue —
+    # requiring an empty one let it take one prompt of a burst at a time). That stalls at most ``absorb_decoders``
+    # requests, ``prefill_chunk`` prompt tokens per step, and spares this one the queue — and everyone behind it its
+    # share. With more decoders there the stall costs more than the queue saves (an earlier rule that absorbed
+    # regardless of them measured +12% / +25% P99; absorb_decoders=6 measured worse than 3 again with packed weights).
     # While short prompts are arriving the decode engine prefills nothing of a long prompt — not the whole, not a
     # tail: their decoders have long answers ahead and make mixed's P99 (a tail of f ≤ 0.3 kept their TPOT p99 at
     # ~100 ms where PD's is ~85).
     chat = since_short_s < memory_s
-    if (d.can_prefill and d.backlog == 0 and d.decoding <= absorb_decoders and queued_s >= absorb_queued_s
-            and not chat):
-        return Plan(d.id, d.id, 0, 0.0)
+    ahead_s = (p.backlog - d.backlog) / prefill_tokens_per_s
+    if d.can_prefill and d.decoding <= absorb_decoders and ahead_s >= absorb_queued_s and not chat:
+        return Plan(d.id, d.id, 0, 0.0, chunk=prefill_chunk)
     # The prefill side's queue sets the balance factor: the longer it is, the more of each prompt the decode engine
     # takes, up to ``f_max`` — a fixed f either leaves the queue to grow at high load (PD's TTFT diverges at 80%)
     # or stalls decoders for nothing at low load.
     factor = 0.0 if d.backlog > 0 or chat else min(max(f, f_max), f + f_per_queued_s * queued_s)
     # What the decode engine already caches of [0, end) never travels (``disaggregate`` sends from its match on).
-    return Plan(p.id, d.id, min(prompt_len - 1, math.floor((1 - factor) * prompt_len)), factor)
+    return Plan(p.id, d.id, min(prompt_len - 1, math.floor((1 - factor) * prompt_len)), factor,
+                chunk=prefill_chunk if factor > 0 else 0)
 
 
 def plan_remembering(prompt_len: int, engines: Sequence[EngineLoad], seen: dict[bool, float], now: float,
@@ -193,17 +199,20 @@ _last_seen: dict[str, dict[bool, float]] = {}
 async def adaptive(req: Request, cluster: Cluster, *, f: float = 0.1, f_max: float = 0.3,
                    f_per_queued_s: float = 0.05, short_prompt: int = 256,
                    prefill_tokens_per_s: float = 1000.0, absorb_decoders: int = 3,
-                   absorb_queued_s: float = 0.5, memory_s: float = 10.0, short_wait_s: float = 0.5) -> None:
+                   absorb_queued_s: float = 0.5, memory_s: float = 10.0, short_wait_s: float = 0.5,
+                   prefill_chunk: int = 256) -> None:
     for name, value in (("f", f), ("f_max", f_max)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"adaptive: {name} must be in [0, 1), got {value}")
+    check_prefill_chunk("adaptive", prefill_chunk)
     engines = {e.id: e for e in cluster.engines()}
     best = plan_remembering(req.prompt_len, [_load(e, req) for e in engines.values()],
                             _last_seen.setdefault(cluster.model, {}), time.monotonic(), f=f, f_max=f_max,
                             f_per_queued_s=f_per_queued_s, short_prompt=short_prompt,
                             prefill_tokens_per_s=prefill_tokens_per_s, absorb_decoders=absorb_decoders,
-                            absorb_queued_s=absorb_queued_s, memory_s=memory_s, short_wait_s=short_wait_s)
+                            absorb_queued_s=absorb_queued_s, memory_s=memory_s, short_wait_s=short_wait_s,
+                            prefill_chunk=prefill_chunk)
     if best.data_parallel:
-        await run_on(req, engines[best.decode])
+        await run_on(req, engines[best.decode], best.chunk)
     else:
-        await disaggregate(req, engines[best.prefill], engines[best.decode], end=best.end)
+        await disaggregate(req, engines[best.prefill], engines[best.decode], end=best.end, prefill_chunk=best.chunk)

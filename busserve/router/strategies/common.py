@@ -7,24 +7,32 @@ from busserve.router.cluster import Engine
 from busserve.router.request import Request
 
 
-async def run_on(req: Request, engine: Engine) -> None:
-    """Data parallel: the whole request on one engine (its own prefix cache still applies)."""
+def check_prefill_chunk(strategy: str, prefill_chunk: int) -> None:
+    if prefill_chunk < 0:
+        raise ValueError(f"{strategy}: prefill_chunk must be >= 0 (0: the engine's budget), got {prefill_chunk}")
+
+
+async def run_on(req: Request, engine: Engine, prefill_chunk: int = 0) -> None:
+    """Data parallel: the whole request on one engine (its own prefix cache still applies). ``prefill_chunk`` > 0:
+    at most that many of its prompt tokens per step while others decode there."""
     await engine.prep_recv(req, end=0)
-    await engine.start_generate(req, begin=0)
+    await engine.start_generate(req, begin=0, prefill_chunk=prefill_chunk)
 
 
-async def disaggregate(req: Request, sender: Engine, receiver: Engine, end: int) -> RemoteSendReply | None:
-    """``sender`` provides the KV of ``prompt[:end]`` (computing what it lacks), ``receiver`` does the rest.
+async def disaggregate(req: Request, sender: Engine, receiver: Engine, end: int,
+                       prefill_chunk: int = 0) -> RemoteSendReply | None:
+    """``sender`` provides the KV of ``prompt[:end]`` (computing what it lacks), ``receiver`` does the rest, at most
+    ``prefill_chunk`` (> 0) prompt tokens per step while others decode there.
 
     The receiver reuses whatever prefix it already caches; only ``[matched, end)`` crosses the wire.
     """
     end = max(0, min(end, req.prompt_len - 1))
     if sender.id == receiver.id or end == 0:
-        await run_on(req, receiver)
+        await run_on(req, receiver, prefill_chunk)
         return None
     recv = await receiver.prep_recv(req, end=end, sender=sender)
     sent = None
     if recv.matched < end:
         sent = await sender.remote_send(req, recv.kv_addr, begin=recv.matched, end=end)
-    await receiver.start_generate(req, begin=end)
+    await receiver.start_generate(req, begin=end, prefill_chunk=prefill_chunk)
     return sent

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import itertools
 
-from busserve.router.strategies.common import run_on
+from busserve.router.strategies.common import check_prefill_chunk, run_on
 from busserve.router.strategy import Cluster, NoEngine, Request, strategy
 
 _turn = itertools.count()
 
 
 @strategy("least_loaded")
-async def least_loaded(req: Request, cluster: Cluster) -> None:
-    """The engine with the fewest requests in flight."""
-    await run_on(req, cluster.least_loaded(role="decode"))
+async def least_loaded(req: Request, cluster: Cluster, *, prefill_chunk: int = 0) -> None:
+    """The engine with the fewest requests in flight. ``prefill_chunk`` > 0: at most that many prompt tokens per
+    step while others decode there (shorter stalls for them, a longer prefill for this one)."""
+    check_prefill_chunk("least_loaded", prefill_chunk)
+    await run_on(req, cluster.least_loaded(role="decode"), prefill_chunk)
 
 
 @strategy("round_robin")
