@@ -43,6 +43,7 @@ benchmark machine prefills (docs/BENCHMARKS.md). Set it for other hardware with
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -51,6 +52,8 @@ from dataclasses import dataclass
 from busserve.router.cluster import Engine
 from busserve.router.strategies.common import check_prefill_chunk, disaggregate, run_on
 from busserve.router.strategy import Cluster, NoEngine, Request, strategy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,10 @@ async def adaptive(req: Request, cluster: Cluster, *, f: float = 0.1, f_max: flo
                             prefill_tokens_per_s=prefill_tokens_per_s, absorb_decoders=absorb_decoders,
                             absorb_queued_s=absorb_queued_s, memory_s=memory_s, short_wait_s=short_wait_s,
                             prefill_chunk=prefill_chunk)
+    # Why a request went where it did (``busserve router --log-level DEBUG``): the plan and the loads it read.
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("adaptive %s: %d tokens -> %s; loads %s", req.request_id, req.prompt_len, best,
+                  [(e.id, e.load, e.prefill_backlog, e.decoding) for e in engines.values()])
     if best.data_parallel:
         await run_on(req, engines[best.decode], best.chunk)
     else:
