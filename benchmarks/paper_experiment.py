@@ -183,6 +183,8 @@ def main() -> int:
                     "DIR instead of measuring it")
     ap.add_argument("--out", default=".bench/paper")
     ap.add_argument("--report", action="store_true", help="print the tables of stored results and exit")
+    ap.add_argument("--router-log-level", default="INFO",
+                    help="DEBUG: the router logs every adaptive decision (to this script's stderr)")
     args = ap.parse_args()
     if args.report:
         print("\n\n".join(report(args)))
@@ -193,7 +195,8 @@ def main() -> int:
     with ProcessCluster() as cluster:
         for i, eid in enumerate(("E0", "E1")):
             cluster.start_engine(eid, "--kv-memory", "1GiB", cpus=[cores[i % len(cores)]])
-        cluster.start("router", "router", "--nats", cluster.url, "--id", "paper-router")
+        cluster.start("router", "--log-level", args.router_log_level, "router", "--nats", cluster.url,
+                      "--id", "paper-router")
         cluster.wait_engines({"E0", "E1"})
         time.sleep(2)
         tables = asyncio.run(run(cluster, args))
