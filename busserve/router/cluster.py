@@ -173,8 +173,9 @@ class Engine:
         self._load.charge_prefill(req, self.id, max(0, req.prompt_len - max(begin, self.cached_prefix(req))))
         req.start_pending = self.id
         with sub_request_span("start_generate", self.id, req.request_id, **{A.RANGE_BEGIN: begin}):
-            reply = await self._bus.request(self._subject("start_generate"), StartGenerate(
-                request_id=req.request_id, begin=begin, prefill_chunk=prefill_chunk), StartGenerateReply, timeout_s=self._t.start_generate_s)
+            msg = StartGenerate(request_id=req.request_id, begin=begin, prefill_chunk=prefill_chunk)
+            reply = await self._bus.request(self._subject("start_generate"), msg, StartGenerateReply,
+                                            timeout_s=self._t.start_generate_s)
         req.started_on, req.start_pending = self.id, None
         return reply
 
