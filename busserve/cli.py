@@ -155,9 +155,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention", default="auto", choices=["auto", "cpu", "torch", "triton", "flashinfer"],
                    help="decode-attention backend; auto = on CPU busserve's C++ kernel where it builds (x86, AVX-512), "
                         "else torch; on CUDA flashinfer when installed, else triton")
-    g.add_argument("--linear", default="auto", choices=["auto", "torch"],
+    g.add_argument("--linear", default="auto", choices=["auto", "onednn", "torch"],
                    help="linear layers; auto = on CPU in bf16/fp16 weights packed once by oneDNN "
-                        "(bit-identical, faster), else torch's F.linear")
+                        "(bit-identical, faster), and in bf16 on AMX CPUs decode steps on busserve's AMX kernel "
+                        "over a second copy of the weights; onednn = the packing alone (one copy); torch = F.linear")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,12 +1,17 @@
 """busserve's C++ CPU kernels, built on first use for the machine they run on.
 
-Today one kernel: ``paged_decode.cpp``, paged decode attention for x86 CPUs with AVX-512, registered as
-``torch.ops.busserve.paged_decode`` (the ``cpu`` decode backend in ``engine/attention_backends.py``).
+Two kernels, one library:
+
+* ``paged_decode.cpp``: paged decode attention for x86 CPUs with AVX-512, ``torch.ops.busserve.paged_decode`` (the
+  ``cpu`` decode backend in ``engine/attention_backends.py``);
+* ``small_linear.cpp``: linear layers for decode-sized batches on AMX, ``torch.ops.busserve.small_linear`` over
+  weights from ``torch.ops.busserve.pack_vnni`` (used by ``engine/packed_linear.py``). It builds on any AVX-512
+  CPU; ``amx_unavailable_reason()`` says whether it can run on this one.
 
 Why built here rather than shipped: the kernel is compiled with ``-march=native`` for the CPU it runs on, and a
 prebuilt binary would have to match the user's torch build exactly. The build is one ``c++`` call against torch's
-own headers and libraries (no ninja, no Python headers), about 10 s once; the library is cached under
-``$BUSSERVE_KERNEL_CACHE`` (default ``~/.cache/busserve/kernels``) in a file named by a hash of the source, the
+own headers and libraries (no ninja, no Python headers), about 20 s once; the library is cached under
+``$BUSSERVE_KERNEL_CACHE`` (default ``~/.cache/busserve/kernels``) in a file named by a hash of the sources, the
 flags, the torch version and the CPU model, so a change to any of them builds afresh. Concurrent builders (two
 engines starting at once) each compile to a private name and rename into place; the loser's rename is harmless.
 
@@ -28,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("paged_decode.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_decode.cpp", "small_linear.cpp"))
 BUILD_TIMEOUT_S = 300.0
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
 
@@ -69,12 +74,18 @@ def unavailable_reason() -> str | None:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"busserve's CPU kernels are built for x86-64 Linux (this is {platform.system()} {platform.machine()})"
     if "avx512f" not in _cpu_flags():
-        return "busserve's CPU paged decode kernel needs AVX-512 (this CPU has no avx512f)"
+        return "busserve's CPU kernels need AVX-512 (this CPU has no avx512f)"
     if compiler() is None:
         return "no C++ compiler to build busserve's CPU kernels (install g++, or set CXX)"
     if not (Path(torch.__file__).parent / "include" / "torch" / "library.h").exists():
         return "this torch installation has no C++ headers to build against"
     return None
+
+
+def amx_unavailable_reason() -> str | None:
+    """Why ``small_linear.cpp``'s AMX kernel cannot run on this CPU (it builds regardless), or None if it can."""
+    missing = sorted({"amx_tile", "amx_bf16", "avx512_bf16"} - _cpu_flags())
+    return f"busserve's AMX linear kernel needs {', '.join(missing)}, which this CPU lacks" if missing else None
 
 
 def cache_dir() -> Path:
@@ -89,19 +100,20 @@ def _build_command(cxx: str, out: Path) -> list[str]:
     include, lib = torch_dir / "include", torch_dir / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-isystem", str(include),
-            "-isystem", str(include / "torch" / "csrc" / "api" / "include"), str(SOURCE), "-o", str(out),
+            "-isystem", str(include / "torch" / "csrc" / "api" / "include"), *map(str, SOURCES), "-o", str(out),
             f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{lib}"]
 
 
 def library_path() -> Path:
     """Where this machine's build of the kernels lives (whether or not it is built yet)."""
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        key.update(source.read_bytes())
     key.update(" ".join(_FLAGS).encode())
     key.update(torch.__version__.encode())
     key.update((_cpuinfo("model name") or platform.processor()).encode())
     key.update(" ".join(sorted(_cpu_flags())).encode())
-    return cache_dir() / f"paged_decode-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"busserve_cpu-{key.hexdigest()[:16]}.so"
 
 
 def load() -> Path:
@@ -131,10 +143,11 @@ def _build(path: Path) -> None:
     try:
         done = subprocess.run(_build_command(cxx, tmp), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
-            raise KernelBuildError(f"building {SOURCE.name} failed ({cxx}, exit {done.returncode}):\n"
+            names = ", ".join(s.name for s in SOURCES)
+            raise KernelBuildError(f"building {names} failed ({cxx}, exit {done.returncode}):\n"
                                    f"{done.stderr[-4000:]}")
         os.replace(tmp, path)
     except subprocess.TimeoutExpired as e:
-        raise KernelBuildError(f"building {SOURCE.name} took longer than {BUILD_TIMEOUT_S:.0f} s") from e
+        raise KernelBuildError(f"building busserve's CPU kernels took longer than {BUILD_TIMEOUT_S:.0f} s") from e
     finally:
         tmp.unlink(missing_ok=True)

@@ -12,7 +12,13 @@ from torch import nn
 
 from busserve.engine.main import EngineOptions, build_core
 from busserve.engine.model_loader import LoadedModel
-from busserve.engine.packed_linear import PackedLinear, maybe_pack, pack_linear_layers, packing_unavailable_reason
+from busserve.engine.packed_linear import (
+    PackedLinear,
+    maybe_pack,
+    pack_linear_layers,
+    packing_unavailable_reason,
+    small_rows_unavailable_reason,
+)
 from tests.helpers import CoreHarness, greedy
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
@@ -90,10 +96,13 @@ def test_an_engine_with_packed_weights_generates_what_an_unpacked_one_does(smol:
     prompts = [smol.tokenizer(t)["input_ids"] for t in
                ["The capital of France is", "def fibonacci(n):\n    ", "Write a short poem about the sea. The sea"]]
     outputs: dict[str, list[list[int]]] = {}
-    for mode in ("torch", "auto"):
+    for mode in ("torch", "onednn", "auto"):
         core = build_core(EngineOptions(engine_id=f"packed-{mode}", dtype="bfloat16", transports=(), linear=mode,
                                         kv_pages=256))
-        assert any(isinstance(m, PackedLinear) for m in core.loaded.model.modules()) == (mode == "auto")
+        packed = [m for m in core.loaded.model.modules() if isinstance(m, PackedLinear)]
+        assert bool(packed) == (mode != "torch")
+        if mode == "auto" and small_rows_unavailable_reason(core.loaded.model) is None:
+            assert all(m.tile_weight is not None for m in packed)  # decode steps on the AMX kernel
         h = CoreHarness(core)
         core.start()
         try:
@@ -102,4 +111,4 @@ def test_an_engine_with_packed_weights_generates_what_an_unpacked_one_does(smol:
             h.assert_no_leaks()
         finally:
             core.stop()
-    assert outputs["auto"] == outputs["torch"]
+    assert outputs["auto"] == outputs["onednn"] == outputs["torch"]
