@@ -145,7 +145,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     g.add_argument("--kv-pages", type=int, default=None, help="KV pool size in pages (default: from --kv-memory)")
     g.add_argument("--kv-memory", default="1GiB", help="KV pool size, e.g. 512MiB (default 1GiB)")
-    g.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per step")
+    g.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per step (default: 512 on CPU, "
+                   "8192 on GPUs)")
+    g.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="token budget of a step while nobody decodes, for the oldest prompt (default: 2048 on CPU, "
+                        "else --max-batch-tokens)")
     g.add_argument("--max-running", type=int, default=64, help="most requests in one batch")
     g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")

@@ -65,7 +65,8 @@ def engine_command(args: argparse.Namespace, url: str, engine_id: str, threads: 
            "--attention", args.attention, "--linear", args.linear,
            *_common_bus_flags(args, url)]
     for flag, value in (("--model", args.model), ("--kv-pages", args.kv_pages),
-                        ("--max-batch-tokens", args.max_batch_tokens), ("--max-model-len", args.max_model_len)):
+                        ("--max-batch-tokens", args.max_batch_tokens),
+                        ("--max-prefill-tokens", args.max_prefill_tokens), ("--max-model-len", args.max_model_len)):
         if value is not None:
             cmd += [flag, str(value)]
     for t in args.transport or []:

@@ -79,6 +79,7 @@ class EngineConfig:
     page_size: int = 16
     num_pages: int = 4096
     max_batch_tokens: int = 1024
+    max_prefill_tokens: int = 0  # a step's budget while nobody decodes (SchedulerConfig); 0: max_batch_tokens
     max_running: int = 64
     max_model_len: int | None = None
     transports: list[str] = field(default_factory=lambda: ["shm", "bus"])
@@ -114,7 +115,8 @@ class EngineCore:
         self.cache = RadixCache(self.allocator, config.page_size)
         self.scheduler = Scheduler(
             SchedulerConfig(page_size=config.page_size, max_batch_tokens=config.max_batch_tokens,
-                            max_running=config.max_running, max_model_len=self.max_model_len),
+                            max_prefill_tokens=config.max_prefill_tokens, max_running=config.max_running,
+                            max_model_len=self.max_model_len),
             self.allocator, self.cache,
         )
         self.runner = ModelRunner(loaded, self.kv, select_backend(

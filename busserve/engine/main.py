@@ -46,6 +46,7 @@ class EngineOptions:
     kv_pages: int | None = None
     kv_memory: str = "1GiB"
     max_batch_tokens: int | None = None
+    max_prefill_tokens: int | None = None
     max_running: int = 64
     max_model_len: int | None = None
     threads: int | None = None
@@ -66,10 +67,15 @@ def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> Engine
     maybe_pack(loaded.model, opts.linear)  # in place, also for a model passed in: products are bit-identical
     per_page = kv_layout_for(loaded, 1, opts.page_size, next(loaded.model.parameters()).dtype).nbytes
     num_pages = opts.kv_pages or max(16, parse_bytes(opts.kv_memory) // per_page)
-    # CPU prefill is compute-bound: chunks of ~512 tokens keep decode steps short without losing throughput.
+    # CPU prefill is compute-bound: chunks of ~512 tokens keep decode steps short without losing throughput. With
+    # nobody decoding, a prompt of up to 2,048 tokens goes in one step: a 1,024-token prompt then takes 460 ms on
+    # one core instead of 512 in two chunks (docs/BENCHMARKS.md, "One chunk when nobody decodes").
     budget = opts.max_batch_tokens or (512 if opts.device == "cpu" else 8192)
+    prefill_budget = opts.max_prefill_tokens if opts.max_prefill_tokens is not None else (
+        max(budget, 2048) if opts.device == "cpu" else budget)
     config = EngineConfig(
         engine_id=opts.engine_id, page_size=opts.page_size, num_pages=num_pages, max_batch_tokens=budget,
+        max_prefill_tokens=prefill_budget,
         max_running=opts.max_running, max_model_len=opts.max_model_len, transports=list(opts.transports),
         shm_kv="shm" in opts.transports and opts.device == "cpu", attention=opts.attention,
     )
@@ -113,7 +119,8 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
     return EngineOptions(
         engine_id=args.id or f"e-{secrets.token_hex(3)}", model=args.model, dtype=args.dtype, device=args.device,
         page_size=args.page_size, kv_pages=args.kv_pages, kv_memory=args.kv_memory,
-        max_batch_tokens=args.max_batch_tokens, max_running=args.max_running, max_model_len=args.max_model_len,
+        max_batch_tokens=args.max_batch_tokens, max_prefill_tokens=args.max_prefill_tokens,
+        max_running=args.max_running, max_model_len=args.max_model_len,
         threads=args.threads, transports=tuple(args.transport or ("shm", "bus")),
         roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()), metrics_port=args.metrics_port,
         attention=args.attention, linear=args.linear,

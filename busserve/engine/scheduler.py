@@ -30,6 +30,10 @@ class DuplicateRequest(Exception):
 class SchedulerConfig:
     page_size: int = 16
     max_batch_tokens: int = 1024
+    # The budget of a step with nobody decoding, for the oldest prompt's remaining tokens: no one waits on a long
+    # step then, and one chunk is cheaper than several (fewer steps; one causal attention instead of chunks that
+    # each attend over the ones before). 0: max_batch_tokens.
+    max_prefill_tokens: int = 0
     max_running: int = 64
     max_model_len: int = 8192
 
@@ -128,6 +132,10 @@ class Scheduler:
         # A sequence's ``prefill_chunk`` applies while others decode here: then every step stalls them for the
         # whole of its chunk.
         decoding = any(not s.is_prefill for s in self.running)
+        if not decoding and self.config.max_prefill_tokens > budget:
+            oldest = next((s for s in self.running if s.remaining > 0), self.waiting[0] if self.waiting else None)
+            if oldest is not None:
+                budget = max(budget, min(self.config.max_prefill_tokens, oldest.remaining))
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]

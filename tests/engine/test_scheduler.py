@@ -199,6 +199,34 @@ def test_prefill_chunk_caps_a_prompt_only_beside_decoders() -> None:
     s.check_pages()
 
 
+def test_with_nobody_decoding_the_oldest_prompt_goes_in_one_chunk() -> None:
+    alloc = PageAllocator(64)
+    s = Scheduler(SchedulerConfig(page_size=PS, max_batch_tokens=16, max_prefill_tokens=48), alloc,
+                  RadixCache(alloc, PS))
+    # Alone: the 40-token prompt in one step (its own length, not the whole idle budget: the next prompt waits).
+    a, b = create_seq("a", 40, max_tokens=3), create_seq("b", 60, base=100, max_tokens=3)
+    s.add(a)
+    s.add(b)
+    batch = s.schedule()
+    assert batch.num_tokens == [40]
+    s.advance(batch)
+    a.token_ids.append(7)
+    # a decodes now: back to max_batch_tokens, b's prompt in 16-token chunks beside it.
+    batch = s.schedule()
+    assert batch.num_tokens == [1, 15]
+    s.advance(batch)
+    a.token_ids.append(7)
+    s.finish(a)
+    # Nobody decoding again: b's remaining 45 tokens, up to max_prefill_tokens (48).
+    assert s.schedule().num_tokens == [45]
+    s.finish(b)
+    s.check_pages()
+    # Longer than max_prefill_tokens: chunks of it.
+    c = create_seq("c", 100, base=200, max_tokens=1)
+    s.add(c)
+    assert [batch.num_tokens for batch in run_to_completion(s)] == [[48], [48], [4]]
+
+
 def test_park_whole_prompt_recomputes_last_token() -> None:
     s = create_scheduler()
     seq = create_seq("p", 10)
