@@ -148,8 +148,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per step (default: 512 on CPU, "
                    "8192 on GPUs)")
     g.add_argument("--max-prefill-tokens", type=int, default=None,
-                   help="token budget of a step while nobody decodes, for the oldest prompt (default: 2048 on CPU, "
-                        "else --max-batch-tokens)")
+                   help="token budget of a step while nobody decodes, for the oldest prompt (default: 2048 on CPU "
+                        "unless --max-batch-tokens is given, else --max-batch-tokens)")
     g.add_argument("--max-running", type=int, default=64, help="most requests in one batch")
     g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")

@@ -69,10 +69,13 @@ def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> Engine
     num_pages = opts.kv_pages or max(16, parse_bytes(opts.kv_memory) // per_page)
     # CPU prefill is compute-bound: chunks of ~512 tokens keep decode steps short without losing throughput. With
     # nobody decoding, a prompt of up to 2,048 tokens goes in one step: a 1,024-token prompt then takes 460 ms on
-    # one core instead of 512 in two chunks (docs/BENCHMARKS.md, "One chunk when nobody decodes").
+    # one core instead of 512 in two chunks (docs/BENCHMARKS.md, "one step per prompt when nobody decodes"). A
+    # budget set by hand is kept for both unless --max-prefill-tokens says otherwise.
     budget = opts.max_batch_tokens or (512 if opts.device == "cpu" else 8192)
-    prefill_budget = opts.max_prefill_tokens if opts.max_prefill_tokens is not None else (
-        max(budget, 2048) if opts.device == "cpu" else budget)
+    if opts.max_prefill_tokens is not None:
+        prefill_budget = opts.max_prefill_tokens
+    else:
+        prefill_budget = 2048 if opts.device == "cpu" and opts.max_batch_tokens is None else budget
     config = EngineConfig(
         engine_id=opts.engine_id, page_size=opts.page_size, num_pages=num_pages, max_batch_tokens=budget,
         max_prefill_tokens=prefill_budget,

@@ -32,9 +32,10 @@ PACKABLE_DTYPES = (torch.bfloat16, torch.float16)
 # to 512. Over the 135M model's shapes on one core, hint 64 was within ~5% of the best hint for 1-8 rows and best
 # for 512 (88 ms vs 93 for hint 8, 117 for hint 1); hint 8 was better for 64 rows (36 ms vs 40).
 BATCH_HINT = 64
-# Rows up to which the AMX kernel beats oneDNN's packed product, the 135M model's whole step on one core: 14 vs 9.8
-# GB/s at 1-16 rows, 29.8 vs 38.2 ms at 64, 44.8 vs 48.5 at 128, 59.1 vs 56.6 at 192 (docs/BENCHMARKS.md).
-SMALL_ROWS = 128
+# Rows up to which the AMX kernel beats oneDNN's packed product over the 135M model's linear layers on one core
+# (benchmarks/linear_rows_bench.py): 18.8 vs 26.2 ms at 1-16 rows, 29.4 vs 34.1 at 64, level at ~128 (44.8 vs 43.0
+# in one run, 44.8 vs 48.5 in another), behind from 192 on.
+SMALL_ROWS = 96
 MODES = ("auto", "onednn", "torch")
 
 
