@@ -5,14 +5,14 @@
 // step). oneDNN's packed bf16 linear (engine/packed_linear.py) streams them at ~10 GB/s for 1-16 rows on one core
 // of the benchmark machine; this kernel reads the same bytes at ~15 GB/s, about what the core streams at all
 // (a plain sum over the same 270 MB: 12-14 GB/s), so the linear layers of a decode step take ~18 ms instead of
-// ~27 (docs/BENCHMARKS.md, "Decode-step linears on AMX"). For hundreds of rows (prefill) oneDNN's blocked kernels
-// are 10-40% faster than this loop, so prefill stays there: packed_linear.py picks by row count.
+// ~26 (docs/BENCHMARKS.md, "Decode-step linears on AMX"; benchmarks/linear_rows_bench.py). From ~128 rows on
+// oneDNN's blocked kernels are faster (17% at 256), so prefill stays there: packed_linear.py picks by row count.
 //
 // Layout ("VNNI", what AMX's bf16 tiles consume): W [N, K] is packed once into [N/16 blocks][K/2 pairs][16][2],
 // zero-padded to whole blocks, so the 16 pairs of one 32-wide K step of a block are one contiguous 1 KB B tile.
 // x rows are A tiles as they lie (row stride = x's). Accumulation is fp32 in the C tiles and the output is rounded
-// to bf16 once — for these shapes the products came out bit-identical to oneDNN's (tests/engine/
-// test_small_linear.py holds us to a fp32 reference, not to that).
+// to bf16 once; for 1-16 rows of the model's shapes the products came out bit-identical to oneDNN's in our checks,
+// though nothing promises it (tests/engine/test_small_linear.py holds the kernel to a fp32 reference).
 //
 // Loop: groups of three output blocks split across threads (at::parallel_for); per group, each tile of up to 16
 // rows of x runs the K loop with three C tiles, one A tile and three B tiles (7 of AMX's 8). Each thread loads
