@@ -129,8 +129,9 @@ class Scheduler:
     def schedule(self) -> Batch:
         batch = Batch()
         budget = self.config.max_batch_tokens
-        # A sequence's ``prefill_chunk`` applies while others decode here: then every step stalls them for the
-        # whole of its chunk.
+        # Whether anyone decodes here decides two things: a sequence's ``prefill_chunk`` applies only then (every
+        # step stalls them for its whole chunk), and only without them may the oldest prompt take a step of up to
+        # ``max_prefill_tokens``.
         decoding = any(not s.is_prefill for s in self.running)
         if not decoding and self.config.max_prefill_tokens > budget:
             oldest = next((s for s in self.running if s.remaining > 0), self.waiting[0] if self.waiting else None)
