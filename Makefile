@@ -1,5 +1,5 @@
 # The two commands of the README. Both set themselves up (scripts/setup.sh) on a fresh machine.
-.PHONY: up test setup lint bench
+.PHONY: up test setup lock lint
 
 up: setup          ## embedded NATS + 2 engines (SmolLM2) + router + OpenAI front on :8000
 	.venv/bin/busserve up $(ARGS)
@@ -7,8 +7,11 @@ up: setup          ## embedded NATS + 2 engines (SmolLM2) + router + OpenAI fron
 test: setup        ## the whole test suite (what .ci/run runs)
 	.venv/bin/python -m pytest $(ARGS)
 
-setup:
+setup:             ## .venv from the lock (requirements-cpu.lock; BUSSERVE_TORCH=gpu for the CUDA one)
 	@scripts/setup.sh
+
+lock: setup        ## regenerate requirements-*.lock from pyproject.toml and constraints/ (ARGS=--upgrade to move pins)
+	scripts/lock.sh $(ARGS)
 
 lint: setup
 	.venv/bin/ruff check busserve tests

@@ -2,10 +2,16 @@
 
 Both come from the code (``busserve.messages`` and ``busserve.bus.subjects``), so ``busserve schema export``
 rewrites them and ``busserve schema export --check`` (run by the tests) fails when the committed files drift.
+
+The text depends on the code alone, never on the msgspec release that renders it: msgspec 0.18 copies docstrings
+as written and later releases dedent them, and releases order the members of an ``anyOf`` differently (``T | None``),
+so every ``description`` is normalised here (``inspect.cleandoc``), ``anyOf`` members are sorted, and keys are
+written sorted.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +83,31 @@ def channels(subjects: Subjects | None = None) -> list[Channel]:
     ]
 
 
+def normalised(node: Any) -> Any:
+    """``node`` with every ``description`` cleaned as ``inspect.cleandoc`` does and every ``anyOf`` in one order
+    (the same under any msgspec; neither changes what the schema means)."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if k == "description" and isinstance(v, str):
+                out[k] = inspect.cleandoc(v)
+            elif k == "anyOf" and isinstance(v, list):
+                out[k] = sorted((normalised(x) for x in v), key=lambda x: json.dumps(x, sort_keys=True))
+            else:
+                out[k] = normalised(v)
+        return out
+    if isinstance(node, list):
+        return [normalised(v) for v in node]
+    return node
+
+
+def _components(ref_template: str) -> dict[str, Any]:
+    _, components = msgspec.json.schema_components(m.ALL_MESSAGES, ref_template=ref_template)
+    return normalised(components)  # type: ignore[no-any-return]
+
+
 def json_schema() -> dict[str, Any]:
-    _, components = msgspec.json.schema_components(m.ALL_MESSAGES, ref_template="#/$defs/{name}")
+    components = _components("#/$defs/{name}")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://busserve.dev/schemas/messages.schema.json",
@@ -91,7 +120,7 @@ def json_schema() -> dict[str, Any]:
 
 
 def asyncapi(subjects: Subjects | None = None) -> dict[str, Any]:
-    _, components = msgspec.json.schema_components(m.ALL_MESSAGES, ref_template="#/components/schemas/{name}")
+    components = _components("#/components/schemas/{name}")
     chans: dict[str, Any] = {}
     ops: dict[str, Any] = {}
     msgs: dict[str, Any] = {}
@@ -124,7 +153,7 @@ def asyncapi(subjects: Subjects | None = None) -> dict[str, Any]:
             msgs[t.__name__] = {
                 "name": t.__name__,
                 "title": t.__name__,
-                "summary": (t.__doc__ or t.__name__).strip().splitlines()[0],
+                "summary": inspect.cleandoc(t.__doc__ or t.__name__).splitlines()[0],
                 "payload": {"$ref": f"#/components/schemas/{t.__name__}"},
                 "headers": {
                     "type": "object",
@@ -154,7 +183,7 @@ def rendered() -> dict[str, str]:
     """File name → content, exactly as committed."""
 
     def dump(obj: Any) -> str:
-        return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+        return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
     return {"messages.schema.json": dump(json_schema()), "asyncapi.json": dump(asyncapi())}
 

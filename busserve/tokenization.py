@@ -24,9 +24,21 @@ def load_tokenizer(source: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(source))
 
 
+_VOCAB_SIZES: dict[int, tuple[Any, int]] = {}
+
+
+def vocab_size(tokenizer: Any) -> int:
+    """``len(tokenizer)``, computed once per tokenizer: some transformers releases (5.0) rebuild the whole vocabulary
+    on every call, holding the GIL for tens of milliseconds — per request, that starved a router's event loop."""
+    entry = _VOCAB_SIZES.get(id(tokenizer))
+    if entry is None or entry[0] is not tokenizer:
+        entry = _VOCAB_SIZES[id(tokenizer)] = (tokenizer, len(tokenizer))
+    return entry[1]
+
+
 def prompt_token_ids(tokenizer: Any, req: GenerateRequest) -> list[int]:
     if req.prompt_token_ids is not None:
-        vocab = len(tokenizer)
+        vocab = vocab_size(tokenizer)
         for i, t in enumerate(req.prompt_token_ids):
             if t >= vocab:
                 raise RequestRejected("invalid_request", f"token id {t} is outside the vocabulary (size {vocab})",

@@ -12,7 +12,8 @@ has a torch reference (``*_reference``) with the same contract; the tests run th
 ``TRITON_INTERPRET=1`` on the CPU against those references. The CPU engine itself uses numpy/torch copies.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: Triton before 3.2 reads ``tl.constexpr`` only from real (not
+# string) annotations.
 
 import torch
 import triton

@@ -9,7 +9,8 @@ no padded context is ever materialized. Layout as elsewhere in busserve: each la
 Tested on the CPU under ``TRITON_INTERPRET=1`` against ``paged_decode_reference``.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: Triton before 3.2 reads ``tl.constexpr`` only from real (not
+# string) annotations.
 
 import math
 

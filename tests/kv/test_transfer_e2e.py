@@ -34,6 +34,7 @@ from busserve.messages import (
 from busserve.router.cluster import Engine, Timeouts
 from busserve.router.request import Request
 from busserve.testing import ProcessCluster
+from busserve.tokenization import vocab_size
 from tests.helpers import assert_greedy_equal, live_view, wait_idle_no_leaks
 
 pytestmark = pytest.mark.slow
@@ -114,7 +115,7 @@ def prompt_of(loaded: LoadedModel, n_tokens: int, seed: int) -> list[int]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, len(loaded.tokenizer), (n_tokens,), generator=g).tolist()
+    return torch.randint(100, vocab_size(loaded.tokenizer), (n_tokens,), generator=g).tolist()
 
 
 # ------------------------------------------------------------------ tiny model: every pattern × transport × cache

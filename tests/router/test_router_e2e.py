@@ -32,6 +32,7 @@ from busserve.messages import (
     TokenChunk,
 )
 from busserve.testing import ProcessCluster
+from busserve.tokenization import vocab_size
 from tests.helpers import assert_greedy_equal, live_view, wait_idle_no_leaks
 
 pytestmark = pytest.mark.slow
@@ -53,7 +54,8 @@ def cluster(tiny_dir: Path) -> Iterator[tuple[ProcessCluster, int]]:
 
 def _prompt(tiny: LoadedModel, n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
-    return [rng.randrange(100, len(tiny.tokenizer)) for _ in range(n)]
+    vocab = vocab_size(tiny.tokenizer)
+    return [rng.randrange(100, vocab) for _ in range(n)]
 
 
 async def _tokens(bus: Bus, prompt: list[int], subject: str | None = None, n: int = 10) -> tuple[list[int], Final]:
