@@ -56,8 +56,8 @@ def _start_decoders(core: EngineCore, batch: int, ctx: int, max_tokens: int, rng
 
 
 def _drop_all(core: EngineCore) -> None:
-    for rid in list(core.scheduler.by_id):
-        core._drop(rid, notify=False, reason="benchmark done")
+    for seq in list(core.scheduler.by_id.values()):
+        core.finish(seq, "cancelled")
 
 
 def decode_step_s(core: EngineCore, batch: int, ctx: int, steps: int, rng: random.Random,

@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from busserve.bench import datasets
-from busserve.bench.main import bench_once, parse_strategy, set_strategy, strategy_label
+from busserve.bench.main import bench_once, parse_strategy, strategy_label
 from busserve.bench.plot import plot_cdfs
 from busserve.bench.runner import LoadConfig, bus_sender, run_load
 from busserve.bus.client import Bus
 from busserve.errors import BusserveError
 from busserve.messages import RolesState, SetRoles
+from busserve.router.control import set_strategy
 from busserve.testing import ProcessCluster
 
 FIXED = ["least_loaded", "pd", "balanced_pd:f=0.1", "balanced_pd:f=0.2", "balanced_pd:f=0.3"]

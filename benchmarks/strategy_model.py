@@ -53,8 +53,9 @@ from busserve.bench.datasets import CHAT_LENGTHS, LONG_INPUT_LENGTHS, length_sam
 from busserve.bench.main import parse_strategy
 from busserve.bench.metrics import percentile
 from busserve.engine.scheduler import SchedulerConfig
+from busserve.router.registry import load_strategy
 from busserve.router.strategies.adaptive import EngineLoad, plan_remembering
-from busserve.router.strategy import coerce_params, load_strategy
+from busserve.router.strategy import coerce_params
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ ErrorCode = Literal[
     "lease_expired",  # a parked request was never started
     "transfer_failed",
     "engine_failure",
+    "router_failure",  # the router that accepted the request stopped before an engine took it
+    "stream_gap",  # a consumer saw a token index out of order: an event was lost on the way
     "internal",
 ]
 Role = Literal["prefill", "decode"]
@@ -115,6 +117,9 @@ class GenerateRequest(_Msg, tag="generate"):
     prompt_token_ids: Annotated[list[TokenId], Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stream: StreamOptions = field(default_factory=StreamOptions)
+    # How many times a router may resume the request on another engine if its engine is lost mid-stream
+    # (None: the router's default, 2 unless configured).
+    resume_limit: Annotated[int, Meta(ge=0, le=16)] | None = None
 
     def __post_init__(self) -> None:
         given = [n for n in ("prompt", "messages", "prompt_token_ids") if getattr(self, n) is not None]
@@ -166,7 +171,20 @@ class Error(_Msg, tag="error"):
     request_id: str = ""
 
 
-StreamEvent = TokenChunk | Final | Error
+class StreamStatus(_Msg, tag="status"):
+    """Who holds the request now, so that a consumer can tell a dead owner from a slow one. Not terminal, carries
+    no tokens; consumers that do not care skip it. A router sends one on accepting the request (``owner_kind``
+    router), the engine that starts generating sends one before its first token (``owner_kind`` engine, with the
+    router that supervises it)."""
+
+    request_id: str
+    owner: str
+    owner_kind: Literal["router", "engine"]
+    supervisor: str = ""  # the router that resumes the request if its engine dies
+    heartbeat_s: float = 1.0  # the owner's heartbeat interval (routers.status / engines.status)
+
+
+StreamEvent = TokenChunk | Final | Error | StreamStatus
 TERMINAL_EVENTS = (Final, Error)
 
 
@@ -195,7 +213,9 @@ class KVAddress(_Msg, tag="kv_addr"):
     layout: str = "layer,kv,page,slot,head,dim"
     handle: str = ""
     pool_pages: int = 0
-    expires_at: float = 0.0  # unix time the receiver's lease ends; senders stop writing before it
+    # Unix time after which no sender may write: a receive dropped before then keeps its pages in quarantine until
+    # this moment (or until the sender is known to have stopped), so a late write never lands in reused pages.
+    expires_at: float = 0.0
 
 
 class PrepRecv(_Msg, tag="prep_recv"):
@@ -210,6 +230,20 @@ class PrepRecv(_Msg, tag="prep_recv"):
     model: str = ""
     lease_s: Annotated[float, Meta(gt=0.0, le=3600.0)] = 30.0
     transport: Transport | None = None  # the transport the sender can use; None = the receiver's best
+    # The id events on the stream carry (the client's request id); routers give engines ids of their own.
+    label: Annotated[str, Meta(max_length=128)] = ""
+    # Resuming a request elsewhere: the last ``output_offset`` tokens of ``prompt_token_ids`` are output already
+    # streamed; the stream goes on at that index, and usage and ``max_tokens`` count them.
+    output_offset: Annotated[int, Meta(ge=0)] = 0
+    # How long a sender may write into the reservation (sets ``kv_addr.expires_at``); longer than any remote_send.
+    write_window_s: Annotated[float, Meta(gt=0.0, le=86400.0)] = 900.0
+    sender_pid: Annotated[int, Meta(ge=0)] = 0  # shm: the sender's process; once it is gone its writes are over
+    supervisor: Annotated[str, Meta(max_length=128)] = ""  # the router that owns the request until it starts
+
+    def __post_init__(self) -> None:
+        if self.output_offset >= len(self.prompt_token_ids):
+            raise InvalidField("output_offset", f"output_offset ({self.output_offset}) must leave at least one "
+                                                f"prompt token ({len(self.prompt_token_ids)} given)")
 
 
 class PrepRecvReply(_Msg, tag="prep_recv_reply"):
@@ -261,11 +295,14 @@ class StartGenerateReply(_Msg, tag="start_generate_reply"):
 
 
 class Abort(_Msg, tag="abort"):
-    """Drop a request on one engine. With ``notify`` the engine publishes the terminal event if it owns one."""
+    """Drop a request on one engine. With ``notify`` the engine publishes the terminal event if it owns one.
+    ``sender_stopped``: every engine that was writing KV into this request's reservation has stopped (the router
+    aborted it first), so the pages need no quarantine."""
 
     request_id: RequestId
     notify: bool = False
     reason: str = ""
+    sender_stopped: bool = False
 
 
 class AbortReply(_Msg, tag="abort_reply"):
@@ -273,6 +310,38 @@ class AbortReply(_Msg, tag="abort_reply"):
     found: bool
     notified: bool  # this abort made the engine publish the request's terminal event
     terminated: bool = False  # the engine had already published the request's terminal event before
+
+
+class Renew(_Msg, tag="renew"):
+    """Extend the lease of a parked request (the router does, while its strategy is still working on it)."""
+
+    request_id: RequestId
+    lease_s: Annotated[float, Meta(gt=0.0, le=3600.0)]
+
+
+class RenewReply(_Msg, tag="renew_reply"):
+    request_id: str
+    lease_s: float
+
+
+ProbeState = Literal["waiting", "running", "parked", "sending", "ended", "dropped", "unknown"]
+
+
+class Probe(_Msg, tag="probe"):
+    """Ask an engine what it knows of a request (the router does when a stream goes quiet)."""
+
+    request_id: RequestId
+
+
+class ProbeReply(_Msg, tag="probe_reply"):
+    """``ended``: this engine published the request's terminal event (``terminal`` says which); ``dropped``: it was
+    cancelled, aborted, expired or fenced here without one (``reason``); ``unknown``: never seen, or forgotten."""
+
+    request_id: str
+    state: ProbeState
+    num_output: int = 0  # output tokens streamed so far, resumed ones included
+    terminal: Literal["final", "error"] | None = None
+    reason: str = ""
 
 
 # --------------------------------------------------------------------------------------------- KV data over the bus
@@ -289,11 +358,13 @@ class KVChunk(_Msg, tag="kv_chunk", gc=False):
 
 
 class KVCommit(_Msg, tag="kv_commit"):
-    """Sent after the last chunk; the receiver replies once ``chunks`` chunks have been written."""
+    """Sent after the last chunk; the receiver replies once ``chunks`` chunks have been written. With ``transport``
+    shm (published, no reply): the sender has stopped writing into the receiver's pool for this request."""
 
     request_id: str
     chunks: int
     nbytes: int
+    transport: Transport = "bus"
 
 
 class KVCommitReply(_Msg, tag="kv_commit_reply"):
@@ -344,6 +415,10 @@ class EngineStatus(_Msg, tag="engine_status"):
     draining: bool = False
     pending_prefill_tokens: int = 0  # prompt tokens queued or mid-prefill here
     decoding: int = 0  # requests past their prefill, generating
+    # "stopped": the engine's last heartbeat; it has dropped every request a router supervises (they are the
+    # routers' to resume) and takes nothing more.
+    state: Literal["serving", "draining", "stopped"] = "serving"
+    quarantined_pages: int = 0  # pages of dropped receives kept until no sender can still write into them
 
 
 class KVStored(_Msg, tag="kv_stored"):
@@ -390,6 +465,8 @@ class RoutedRequest(_Msg, tag="routed"):
     stream: StreamOptions = field(default_factory=StreamOptions)
     model: str = ""
     params: dict[str, StrategyParam] = field(default_factory=dict)
+    label: str = ""  # the client's request id (what stream events carry)
+    supervisor: str = ""  # the router that forwarded it and supervises it once started
 
 
 class StrategyResult(_Msg, tag="strategy_result"):
@@ -400,6 +477,7 @@ class StrategyResult(_Msg, tag="strategy_result"):
     started_on: str | None = None
     touched: list[str] = field(default_factory=list)
     error: Error | None = None
+    senders: list[str] = field(default_factory=list)  # the touched engines that were asked to remote_send
 
 
 class SetStrategy(_Msg, tag="set_strategy"):
@@ -437,6 +515,7 @@ class RouterStatus(_Msg, tag="router_status"):
     failed: int = 0
     interval_s: float = 1.0
     metrics_url: str = ""
+    resumed: int = 0  # requests resumed on another engine after theirs was lost
 
 
 class Ack(_Msg, tag="ack"):
@@ -465,6 +544,11 @@ ALL_MESSAGES: tuple[type[Struct], ...] = (
     StartGenerateReply,
     Abort,
     AbortReply,
+    Renew,
+    RenewReply,
+    Probe,
+    ProbeReply,
+    StreamStatus,
     KVChunk,
     KVCommit,
     KVCommitReply,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from busserve.bus.config import BusConfig
 from busserve.bus.embedded import EmbeddedNats, _die_with_parent
-from busserve.cluster_launcher import wait_for_engines
+from busserve.launch.readiness import wait_for_engines
 from busserve.messages import EngineStatus
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from busserve import messages as m
-from busserve import schema_export
+from busserve.bus import schema_export
 from busserve.bus.subjects import ENGINE_ACTIONS, Subjects
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
@@ -119,7 +119,7 @@ def test_the_lowest_supported_msgspec_gives_the_committed_schemas(tmp_path: Path
                          timeout=300, env=env)
     if got.returncode != 0:
         pytest.skip(f"msgspec=={lowest} cannot be downloaded here: {got.stderr.strip()[-300:]}")
-    script = ("import sys, msgspec; from busserve import schema_export; "
+    script = ("import sys, msgspec; from busserve.bus import schema_export; "
               f"assert msgspec.__version__.startswith({lowest!r}), msgspec.__version__; "
               "sys.exit(1 if schema_export.stale_files(schema_export.Path(sys.argv[1])) else 0)")
     run = subprocess.run([str(venv / "bin" / "python"), "-c", script, str(SCHEMAS)], capture_output=True, text=True,

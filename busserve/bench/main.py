@@ -16,7 +16,9 @@ from busserve.bench import datasets
 from busserve.bench.metrics import SLO, RequestRecord, summarize
 from busserve.bench.runner import LoadConfig, Sender, bus_sender, http_sender, run_load
 from busserve.bus.client import Bus
-from busserve.messages import SetStrategy, StrategyParam, StrategyState
+from busserve.bus.config import BusConfig
+from busserve.messages import StrategyParam
+from busserve.router.control import set_strategy
 from busserve.router.strategy import parse_param_args
 
 
@@ -59,11 +61,6 @@ def per_request_arrays(records: list[RequestRecord]) -> dict[str, list[Any]]:
     }
 
 
-async def set_strategy(bus: Bus, name: str, params: dict[str, StrategyParam]) -> StrategyState:
-    return await bus.request(bus.subjects.control_strategy(), SetStrategy(name=name, params=params), StrategyState,
-                             timeout_s=10)
-
-
 async def bench_once(send: Sender, samples: list[datasets.Sample], load: LoadConfig, warmup: int,
                      progress: bool, label: str, slo: SLO | None, salt: str | None = None) -> dict[str, Any]:
     """One measured run. With ``salt``, the run's prompts (and, separately, the warm-up's) are made unique to it,
@@ -101,9 +98,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-async def _main(args: argparse.Namespace) -> int:
-    from busserve.cli import bus_config
-
+async def _main(args: argparse.Namespace, cfg: BusConfig) -> int:
     slo = None
     if args.slo_ttft_ms or args.slo_tpot_ms or args.slo_e2e_ms:
         slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)
@@ -116,7 +111,6 @@ async def _main(args: argparse.Namespace) -> int:
     samples = make_samples(args, tokenizer)
     load = LoadConfig(rate=args.rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
                       seed=args.seed, timeout_s=args.timeout)
-    cfg = bus_config(args)
     cfg.max_reconnect_attempts = 0
     bus = await Bus.connect(cfg, name="busserve-bench")
     runs = []
@@ -147,9 +141,9 @@ async def _main(args: argparse.Namespace) -> int:
     return 0 if all(r["summary"]["failed"] == 0 for r in runs) else 1
 
 
-def run_bench_command(args: argparse.Namespace) -> int:
+def run_bench_command(args: argparse.Namespace, cfg: BusConfig) -> int:
     try:
-        return asyncio.run(_main(args))
+        return asyncio.run(_main(args, cfg))
     except (ConnectionError, ValueError) as exc:
         print(f"busserve bench: {exc}", file=sys.stderr)
         return 1

@@ -41,6 +41,8 @@ def bus_sender(bus: Bus, timeout_s: float) -> Sender:
                     rec.first_token_at = now
                 rec.token_times.append(now)
                 rec.tokens += len(ev.token_ids)
+            elif isinstance(ev, Final) and ev.finish_reason == "cancelled":
+                rec.error = "cancelled: the request was cancelled before it finished"
             elif isinstance(ev, Final):
                 rec.done_at = rec.token_times[-1] if rec.token_times else now
             elif isinstance(ev, Error):
@@ -50,7 +52,7 @@ def bus_sender(bus: Bus, timeout_s: float) -> Sender:
 
 
 def http_sender(base_url: str, model: str, timeout_s: float) -> Sender:
-    import openai  # the bench extra: pip install 'busserve[bench]'
+    import openai  # the bench extra (installed by `make setup`)
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="busserve-bench", max_retries=0, timeout=timeout_s)
 

@@ -4,8 +4,12 @@
   context, and translate nats-py failures into :mod:`busserve.errors` (no responders, time-outs, oversized
   payloads). A reply that is an :class:`Error` raises :class:`RemoteError`.
 * ``open_stream`` subscribes to a stream subject and yields events until the terminal one (Final or Error);
-  every wait is bounded. ``generate`` sends a GenerateRequest and streams its events, and cancels the request if
-  the caller stops reading early.
+  every wait is bounded, a TokenChunk out of index order ends the stream with a ``stream_gap`` Error (an event was
+  lost: never silent), and while the request's owner is a router that has not handed it to an engine yet, the
+  reader watches that router's heartbeat and ends with a ``router_failure`` Error if it stops. ``generate`` sends a
+  GenerateRequest and streams its events, and cancels the request if the caller stops reading early.
+* The connection notices a dead server within seconds (``ping_interval``) and keeps ``connected_since`` — the
+  moment it last (re)connected — so that watchers do not mistake their own outage for everybody else's death.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -28,7 +33,16 @@ from busserve.bus.codec import ContentType
 from busserve.bus.config import BusConfig
 from busserve.bus.subjects import Subjects
 from busserve.errors import MalformedMessage, NoResponders, PayloadTooLarge, RemoteError, RequestTimeout
-from busserve.messages import Cancel, Error, Final, GenerateRequest, StreamEvent
+from busserve.messages import (
+    Cancel,
+    Error,
+    Final,
+    GenerateRequest,
+    RouterStatus,
+    StreamEvent,
+    StreamStatus,
+    TokenChunk,
+)
 from busserve.telemetry import propagation
 
 log = logging.getLogger(__name__)
@@ -39,6 +53,11 @@ Handler = Callable[[Msg], Awaitable[None]]
 # Time limits for a stream: the first event may wait behind a long prefill, later ones only behind one step.
 DEFAULT_FIRST_EVENT_TIMEOUT_S = 300.0
 DEFAULT_IDLE_TIMEOUT_S = 120.0
+# A process that misses this many heartbeats in a row is taken for dead (routers judge engines the same way).
+MISSED_HEARTBEATS = 3
+# Pings every PING_INTERVAL_S; this many unanswered and the connection is dropped and re-dialled.
+PING_INTERVAL_S = 2.0
+MAX_OUTSTANDING_PINGS = 2
 
 
 def _is_no_responders(msg: Msg) -> bool:
@@ -51,18 +70,43 @@ class Bus:
     def __init__(self, nc: NATS, subjects: Subjects) -> None:
         self.nc = nc
         self.subjects = subjects
+        self.connected_since: float | None = time.monotonic()  # None while disconnected
+        self.reconnects = 0
+        self.closing = False
+
+    def connected_for(self) -> float:
+        """Seconds since this connection last (re)connected; 0 while it is down."""
+        return 0.0 if self.connected_since is None else time.monotonic() - self.connected_since
 
     @classmethod
     async def connect(cls, config: BusConfig, *, name: str) -> Bus:
+        holder: list[Bus] = []
+
         async def on_error(exc: Exception) -> None:
             log.warning("nats (%s): %s", name, exc)
+
+        async def on_disconnected() -> None:
+            if holder:
+                holder[0].connected_since = None
+                if holder[0].closing:
+                    return
+            log.warning("nats (%s): disconnected", name)
+
+        async def on_reconnected() -> None:
+            if holder:
+                holder[0].connected_since = time.monotonic()
+                holder[0].reconnects += 1
+            log.warning("nats (%s): reconnected to %s", name, getattr(nc, "connected_url", None))
 
         kwargs = config.connect_kwargs()
         # nats-py can wait forever after some failures (a TLS verification error, say): bound the whole attempt.
         deadline = config.connect_timeout_s * config.connect_attempts * len(kwargs["servers"]) + 2.0
         nc = NATS()
         try:
-            await asyncio.wait_for(nc.connect(name=name, error_cb=on_error, **kwargs), timeout=deadline)
+            await asyncio.wait_for(nc.connect(name=name, error_cb=on_error, disconnected_cb=on_disconnected,
+                                              reconnected_cb=on_reconnected, ping_interval=PING_INTERVAL_S,
+                                              max_outstanding_pings=MAX_OUTSTANDING_PINGS, **kwargs),
+                                   timeout=deadline)
         except (TimeoutError, nats.errors.Error, OSError) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -76,13 +120,16 @@ class Bus:
             nc.options["allow_reconnect"] = False
         nc.options["max_reconnect_attempts"] = config.max_reconnect_attempts
         nc.options["reconnect_time_wait"] = 1.0
-        return cls(nc, Subjects(config.subject_prefix))
+        bus = cls(nc, Subjects(config.subject_prefix))
+        holder.append(bus)
+        return bus
 
     @property
     def max_payload(self) -> int:
         return int(self.nc.max_payload)
 
     async def close(self) -> None:
+        self.closing = True
         if self.nc.is_closed:
             return
         with contextlib.suppress(Exception):
@@ -175,7 +222,7 @@ class Bus:
         subject = subject or self.nc.new_inbox()
         sub = await self.nc.subscribe(subject)
         try:
-            yield StreamReader(subject, sub)
+            yield StreamReader(subject, sub, self)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -218,11 +265,12 @@ class Bus:
 
 
 class StreamReader:
-    """Reads one request's stream subject until its terminal event."""
+    """Reads one request's stream subject until its terminal event (see the module docstring for the checks)."""
 
-    def __init__(self, subject: str, sub: Subscription) -> None:
+    def __init__(self, subject: str, sub: Subscription, bus: Bus | None = None) -> None:
         self.subject = subject
         self._sub = sub
+        self._bus = bus
 
     async def events(
         self,
@@ -230,24 +278,105 @@ class StreamReader:
         first_event_timeout_s: float = DEFAULT_FIRST_EVENT_TIMEOUT_S,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         target: str = "",
+        statuses: bool = False,
     ) -> AsyncIterator[StreamEvent]:
-        timeout = first_event_timeout_s
+        """``statuses``: yield StreamStatus events too (they are consumed here otherwise)."""
+        next_index = 0
+        first_wait = True
+        watch = _RouterWatch(self._bus)
+        try:
+            while True:
+                budget = first_event_timeout_s if first_wait else idle_timeout_s
+                msg = await self._next(budget, watch, target)
+                if msg is None:  # the router holding the request stopped before an engine took it
+                    yield Error(code="router_failure", request_id="",
+                                message=f"router {watch.router} stopped heartbeating before any engine took the "
+                                        "request")
+                    return
+                if _is_no_responders(msg):
+                    raise NoResponders(target or self.subject)
+                try:
+                    event: StreamEvent = codec.decode(msg.data, StreamEvent, msg.headers)
+                except MalformedMessage as exc:
+                    log.warning("undecodable event on %s: %s", self.subject, exc)
+                    continue
+                if isinstance(event, StreamStatus):
+                    await watch.follow(event)
+                    if statuses:
+                        yield event
+                    continue
+                first_wait = False
+                if isinstance(event, TokenChunk):
+                    watch.stop()
+                    if event.index != next_index:
+                        what = "repeated" if event.index < next_index else "missing"
+                        yield Error(code="stream_gap", request_id=event.request_id,
+                                    message=f"token index {event.index} arrived where {next_index} was due: tokens "
+                                            f"{what} on the way")
+                        return
+                    next_index += len(event.token_ids)
+                yield event
+                if isinstance(event, (Final, Error)):
+                    return
+        finally:
+            watch.stop()
+
+    async def _next(self, budget_s: float, watch: _RouterWatch, target: str) -> Msg | None:
+        """The next message within ``budget_s``; None if the watched router is dead first."""
+        deadline = time.monotonic() + budget_s
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestTimeout(target or self.subject, budget_s)
             try:
-                msg = await self._sub.next_msg(timeout=timeout)
-            except nats.errors.TimeoutError as exc:
-                raise RequestTimeout(target or self.subject, timeout) from exc
-            if _is_no_responders(msg):
-                raise NoResponders(target or self.subject)
-            try:
-                event: StreamEvent = codec.decode(msg.data, StreamEvent, msg.headers)
-            except MalformedMessage as exc:
-                log.warning("undecodable event on %s: %s", self.subject, exc)
-                continue
-            yield event
-            if isinstance(event, (Final, Error)):
-                return
-            timeout = idle_timeout_s
+                return await self._sub.next_msg(timeout=min(left, 0.5) if watch.active else left)
+            except nats.errors.TimeoutError:
+                if watch.dead():
+                    return None
+
+
+class _RouterWatch:
+    """While a router owns a request (it said so on the stream and no engine has taken it), watch its heartbeat."""
+
+    def __init__(self, bus: Bus | None) -> None:
+        self._bus = bus
+        self._sub: Subscription | None = None
+        self.router = ""
+        self._interval = 1.0
+        self._last_seen = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self._sub is not None
+
+    async def follow(self, status: StreamStatus) -> None:
+        if status.owner_kind != "router" or self._bus is None:
+            self.stop()  # an engine has it: its router supervises it from here
+            return
+        if self._sub is not None:
+            return
+        self.router, self._interval = status.owner, max(status.heartbeat_s, 0.1)
+        self._last_seen = time.monotonic()
+
+        async def on_status(msg: Msg) -> None:
+            with contextlib.suppress(MalformedMessage):
+                if codec.decode(msg.data, RouterStatus, msg.headers).router_id == self.router:
+                    self._last_seen = time.monotonic()
+
+        self._sub = await self._bus.nc.subscribe(self._bus.subjects.routers_status(), cb=on_status)
+
+    def dead(self) -> bool:
+        if self._sub is None or self._bus is None:
+            return False
+        limit = MISSED_HEARTBEATS * self._interval + 0.5
+        # Our own outage is not the router's death: judge only over a span we were connected for.
+        return time.monotonic() - self._last_seen > limit and self._bus.connected_for() > limit
+
+    def stop(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().create_task(sub.unsubscribe())
 
 
 def request_content_type(msg: Msg) -> ContentType:

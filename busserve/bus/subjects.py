@@ -20,14 +20,16 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-EngineAction = Literal["generate", "prep_recv", "remote_send", "start_generate", "abort", "set_roles",
-                       "kv_snapshot"]
+EngineAction = Literal["generate", "prep_recv", "remote_send", "start_generate", "abort", "renew", "probe",
+                       "set_roles", "kv_snapshot"]
 ENGINE_ACTIONS: tuple[EngineAction, ...] = (
     "generate",
     "prep_recv",
     "remote_send",
     "start_generate",
     "abort",
+    "renew",
+    "probe",
     "set_roles",
     "kv_snapshot",
 )

@@ -21,6 +21,13 @@ class Detokenizer:
         self._emitted = 0
         self.stopped_by: str | None = None
 
+    def prime(self, token_ids: list[int]) -> None:
+        """Take over a stream another engine started: feed the tokens it already streamed, emitting nothing. The
+        state afterwards — text held back for stop strings or unfinished characters included — is the one that
+        engine had, so the text goes on exactly where its left off."""
+        for t in token_ids:
+            self.push(t)
+
     def push(self, token_id: int) -> str:
         """Feed one token; return the text that is now safe to emit ("" when held back or stopped)."""
         if self.stopped_by is not None:

@@ -16,11 +16,12 @@ from busserve.bus.background import BackgroundLoop
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
 from busserve.engine.attention_backends import unavailable_reason
-from busserve.engine.engine_core import EngineConfig, EngineCore
+from busserve.engine.engine_core import EngineConfig, EngineCore, PoolTooSmall
 from busserve.engine.model_loader import LoadedModel, load_model, resolve_dtype
 from busserve.engine.packed_linear import maybe_pack
 from busserve.engine.runner import kv_layout_for
 from busserve.engine.service import EngineService, ServiceConfig
+from busserve.kv.storage import SharedMemoryError
 from busserve.telemetry import setup as telemetry
 from busserve.telemetry.engine_telemetry import EngineTelemetry
 
@@ -49,11 +50,12 @@ class EngineOptions:
     max_prefill_tokens: int | None = None
     max_running: int = 64
     max_model_len: int | None = None
+    max_queued: int = 256
     threads: int | None = None
     transports: tuple[str, ...] = ("shm", "bus")
     roles: tuple[str, ...] = ("prefill", "decode")
     metrics_port: int = 0
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     attention: str = "auto"
     linear: str = "auto"
 
@@ -79,7 +81,8 @@ def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> Engine
     config = EngineConfig(
         engine_id=opts.engine_id, page_size=opts.page_size, num_pages=num_pages, max_batch_tokens=budget,
         max_prefill_tokens=prefill_budget,
-        max_running=opts.max_running, max_model_len=opts.max_model_len, transports=list(opts.transports),
+        max_running=opts.max_running, max_model_len=opts.max_model_len, max_queued=opts.max_queued,
+        transports=list(opts.transports),
         shm_kv="shm" in opts.transports and opts.device == "cpu", attention=opts.attention,
     )
     return EngineCore(config, loaded, emit=lambda outs: None)
@@ -95,7 +98,8 @@ def run_engine_process(opts: EngineOptions, bus_config: BusConfig) -> None:
         from prometheus_client import start_http_server
 
         start_http_server(opts.metrics_port, addr=opts.metrics_host, registry=tel.prometheus_registry)
-        metrics_url = f"http://{socket.gethostname()}:{opts.metrics_port}/metrics"
+        host = socket.gethostname() if opts.metrics_host in ("0.0.0.0", "::") else opts.metrics_host
+        metrics_url = f"http://{host}:{opts.metrics_port}/metrics"
     io = BackgroundLoop(name=f"engine-{opts.engine_id}-bus")
     bus: Bus | None = None
     service: EngineService | None = None
@@ -123,16 +127,15 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         engine_id=args.id or f"e-{secrets.token_hex(3)}", model=args.model, dtype=args.dtype, device=args.device,
         page_size=args.page_size, kv_pages=args.kv_pages, kv_memory=args.kv_memory,
         max_batch_tokens=args.max_batch_tokens, max_prefill_tokens=args.max_prefill_tokens,
-        max_running=args.max_running, max_model_len=args.max_model_len,
+        max_running=args.max_running, max_model_len=args.max_model_len, max_queued=args.max_queued,
         threads=args.threads, transports=tuple(args.transport or ("shm", "bus")),
         roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()), metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         attention=args.attention, linear=args.linear,
     )
 
 
-def run_engine_command(args: argparse.Namespace) -> int:
-    from busserve.cli import bus_config
-
+def run_engine_command(args: argparse.Namespace, cfg: BusConfig) -> int:
     opts = options_from_args(args)
     bad = [r for r in opts.roles if r not in ("prefill", "decode")]
     if bad:
@@ -143,9 +146,11 @@ def run_engine_command(args: argparse.Namespace) -> int:
     if reason is not None:
         print(f"busserve engine: --attention {opts.attention}: {reason}", flush=True)
         return 2
-    cfg = bus_config(args)
     try:
         run_engine_process(opts, cfg)
+    except (PoolTooSmall, SharedMemoryError) as exc:
+        print(f"busserve engine: {exc}", flush=True)
+        return 2
     except ConnectionError as exc:
         print(f"busserve engine: {exc}", flush=True)
         return 1

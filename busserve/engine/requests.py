@@ -1,5 +1,8 @@
 """What the compute thread keeps per request beside the scheduler's Sequence, and the commands it accepts.
 
+A sequence carries one of two contexts: :class:`GenerateCtx` (it samples and streams to a client) or
+:class:`SendCtx` (the sender side of remote_send). ``gen_ctx`` / ``send_ctx`` return them typed.
+
 Commands come from the bus side (asyncio) through the engine's inbox; replies go back through the ``reply``
 callable each action carries (it resolves a future on the event loop). Nothing here touches NATS.
 """
@@ -7,6 +10,7 @@ callable each action carries (it resolves a future on the event loop). Nothing h
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,19 +18,22 @@ from typing import Any
 from busserve.bus.codec import ContentType
 from busserve.engine.detokenizer import Detokenizer
 from busserve.engine.sampler import SamplingState
+from busserve.engine.sequence import Sequence
 from busserve.kv.transfer.base import KVWriter
-from busserve.messages import Abort, PrepRecv, RemoteSend, SamplingParams, StartGenerate
+from busserve.messages import Abort, PrepRecv, Probe, RemoteSend, Renew, SamplingParams, StartGenerate
 
 Reply = Callable[[Any], None]
 
 
 @dataclass
 class Outbound:
-    """A message for the bus side to publish, in order."""
+    """A message for the bus side to publish, in order. ``supervised``: an event of a request a router supervises
+    (while the engine fences itself, the publisher drops those: their routers are taking them over)."""
 
     subject: str
     msg: Any
     content_type: ContentType = "msgpack"
+    supervised: bool = False
 
 
 @dataclass
@@ -37,10 +44,16 @@ class GenerateCtx:
     content_type: ContentType
     include_usage: bool
     sampling: SamplingState
-    max_tokens: int
+    max_tokens: int  # output tokens in all, resumed ones included
     stop_token_ids: frozenset[int]
     ignore_eos: bool
     detok: Detokenizer
+    label: str  # the id stream events carry (the client's)
+    # Routed requests are supervised by a router that resumes them elsewhere if this engine is lost; a direct
+    # request (engine.<id>.generate) has nobody else and ends here whatever happens.
+    supervisor: str = ""
+    output_offset: int = 0  # output tokens streamed before this engine took over (resumption)
+    ended: bool = False  # its terminal event is out (outputs.StreamWriter.end)
     cached_tokens: int = 0
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -49,6 +62,10 @@ class GenerateCtx:
     t_arrival_ns: int = field(default_factory=time.time_ns)
     t_scheduled_ns: int = 0
     t_first_token_ns: int = 0
+
+    @property
+    def supervised(self) -> bool:
+        return bool(self.supervisor)
 
 
 @dataclass
@@ -71,11 +88,45 @@ class SendCtx:
     t_computed_ns: int = 0
 
 
+def gen_ctx(seq: Sequence) -> GenerateCtx:
+    ctx = seq.ctx
+    assert isinstance(ctx, GenerateCtx), f"{seq.request_id} is not a generating sequence"
+    return ctx
+
+
+def send_ctx(seq: Sequence) -> SendCtx:
+    ctx = seq.ctx
+    assert isinstance(ctx, SendCtx), f"{seq.request_id} is not a sending sequence"
+    return ctx
+
+
+class Memory:
+    """A bounded memory of request ids with a note each (oldest forgotten first)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._notes: OrderedDict[str, str] = OrderedDict()
+
+    def add(self, request_id: str, note: str = "") -> None:
+        self._notes[request_id] = note
+        self._notes.move_to_end(request_id)
+        while len(self._notes) > self.limit:
+            self._notes.popitem(last=False)
+
+    def get(self, request_id: str) -> str | None:
+        return self._notes.get(request_id)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._notes
+
+
 # ------------------------------------------------------------------ commands
 
 
 @dataclass
 class GenerateCmd:
+    """The direct data-parallel path: a whole request on this engine (no router supervises it)."""
+
     request_id: str
     token_ids: list[int]
     sampling: SamplingParams
@@ -87,13 +138,15 @@ class GenerateCmd:
 
 @dataclass
 class CancelCmd:
+    """A client's cancel: names the client's id (a direct request's id, or a routed request's label)."""
+
     request_id: str
     reason: str = ""
 
 
 @dataclass
 class ActionCmd:
-    msg: PrepRecv | StartGenerate | RemoteSend | Abort
+    msg: PrepRecv | StartGenerate | RemoteSend | Abort | Renew | Probe
     reply: Reply
     content_type: ContentType = "msgpack"
     trace: Any = None
@@ -108,6 +161,21 @@ class SendDoneCmd:
 
 
 @dataclass
+class WritesOverCmd:
+    """A sender says it writes no more into this engine's pool for a request (shm: the writes are invisible here)."""
+
+    request_id: str
+
+
+@dataclass
+class FenceCmd:
+    """This engine lost touch with the bus for longer than routers wait before taking its requests over: drop every
+    supervised request without a stream event (their routers resume them elsewhere)."""
+
+    reason: str
+
+
+@dataclass
 class CallCmd:
     """Run a function on the compute thread (tests and status snapshots), reply with its result."""
 
@@ -115,4 +183,4 @@ class CallCmd:
     reply: Reply
 
 
-Command = GenerateCmd | CancelCmd | ActionCmd | SendDoneCmd | CallCmd
+Command = GenerateCmd | CancelCmd | ActionCmd | SendDoneCmd | WritesOverCmd | FenceCmd | CallCmd

@@ -8,7 +8,11 @@ Each step:
     ``max_running`` allow; an admitted sequence first reuses the longest cached prefix of its tokens.
 
 Prefill chunks and decode tokens share one batch. Parked sequences (prep_recv) hold reserved pages and are not
-scheduled until start_generate. The engine calls ``schedule`` → runs the batch → ``advance`` → samples.
+scheduled until start_generate. Pages of a dropped receive that a sender may still be writing are *held* (under the
+request's key, outside any sequence) until the engine releases them. The engine calls ``schedule`` → runs the
+batch → ``advance`` → samples.
+
+Sequences are keyed by ``(request_id, kind)``: one engine can be a request's sender and its receiver at once.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ from busserve.kv.radix_cache import RadixCache
 
 class DuplicateRequest(Exception):
     pass
+
+
+class NeverFits(ValueError):
+    """A sequence larger than the whole KV pool: it would preempt itself forever."""
+
+
+SeqKey = tuple[str, SeqKind]
 
 
 @dataclass
@@ -69,17 +80,28 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.parked: dict[str, Sequence] = {}
-        self.by_id: dict[str, Sequence] = {}
+        self.by_id: dict[SeqKey, Sequence] = {}
+        self.held: dict[SeqKey, list[int]] = {}  # pages kept past their sequence (see ``hold``)
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ intake
 
+    def get(self, request_id: str, kind: SeqKind = SeqKind.GENERATE) -> Sequence | None:
+        return self.by_id.get((request_id, kind))
+
     def _register(self, seq: Sequence) -> None:
-        if seq.request_id in self.by_id:
+        if seq.key in self.by_id:
             raise DuplicateRequest(f"request {seq.request_id!r} is already on this engine")
-        self.by_id[seq.request_id] = seq
+        self.by_id[seq.key] = seq
+
+    def _check_fits(self, seq: Sequence) -> None:
+        capacity = self.allocator.num_pages * self.config.page_size
+        if seq.compute_target + (1 if seq.kind is SeqKind.GENERATE else 0) > capacity:
+            raise NeverFits(f"request {seq.request_id!r} needs {seq.compute_target} tokens of KV and more to "
+                            f"generate; the whole pool holds {capacity}")
 
     def add(self, seq: Sequence) -> None:
+        self._check_fits(seq)
         self._register(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
@@ -90,8 +112,9 @@ class Scheduler:
         The match stops short of the prompt's last token, so that the page the receiver will compute into is
         never a shared one. Returns ``matched``; raises OutOfPages (holding nothing) when the pool is too full.
         """
-        if seq.request_id in self.by_id:
+        if seq.key in self.by_id:
             raise DuplicateRequest(f"request {seq.request_id!r} is already on this engine")
+        self._check_fits(seq)
         ps = self.config.page_size
         limit = min(end, seq.prompt_len - 1)
         matched_pages = self.cache.match(seq.token_ids, limit) if limit > 0 else []
@@ -152,6 +175,8 @@ class Scheduler:
             seq = self.waiting[0]
             n = self._admit(seq, self._chunk(seq, budget, decoding))
             if n is None:
+                if self._release_queued_pages(behind=seq):
+                    continue  # pages held behind the head in the queue came back: try the head again
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
@@ -205,6 +230,22 @@ class Scheduler:
             self.preempt(victim)
         return True
 
+    def _release_queued_pages(self, behind: Sequence) -> bool:
+        """The queue's head cannot get pages while sequences waiting behind it hold some (started after a
+        transfer, or preempted mid-way): take them back from the youngest, as a preemption would (full pages stay
+        cached, so it recomputes little). Without this, waiters holding the whole pool wait on each other forever."""
+        for seq in reversed(self.waiting):
+            if seq is behind:
+                return False
+            if seq.pages:
+                self._release(seq, cache_computed=True)
+                seq.num_computed = seq.num_cached = 0
+                seq.prompt_cached = False
+                seq.num_preemptions += 1
+                self.num_preemptions += 1
+                return True
+        return False
+
     def _victim(self, after: int) -> Sequence | None:
         """The youngest running GENERATE sequence not yet scheduled in this step."""
         for j in range(len(self.running) - 1, after, -1):
@@ -246,9 +287,10 @@ class Scheduler:
                     self.cache.insert(seq.token_ids[:upto], seq.pages[: upto // ps])
                     seq.prompt_cached = True
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a sequence wherever it is and give its pages back (computed full pages stay cached)."""
-        if self.by_id.pop(seq.request_id, None) is None:
+    def finish(self, seq: Sequence, *, hold: bool = False) -> None:
+        """Remove a sequence wherever it is and give its pages back (computed full pages stay cached). ``hold``
+        (parked sequences only): keep the pages referenced, under the sequence's key, until ``release_held``."""
+        if self.by_id.pop(seq.key, None) is None:
             return
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
@@ -256,9 +298,24 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq.status is SeqStatus.PARKED:
             del self.parked[seq.request_id]
-        # Parked pages may still be in flight from a sender: never offer them to the cache.
-        self._release(seq, cache_computed=seq.status is not SeqStatus.PARKED)
+        was_parked = seq.status is SeqStatus.PARKED
+        if hold and was_parked and seq.pages:
+            self.held[seq.key] = self.held.get(seq.key, []) + seq.pages
+            seq.pages = []
+        else:
+            # Parked pages may still be in flight from a sender: never offer them to the cache.
+            self._release(seq, cache_computed=not was_parked)
         seq.status = SeqStatus.FINISHED
+
+    def release_held(self, key: SeqKey) -> int:
+        """Give back the pages held for ``key`` (uncached: what a late sender wrote is not trusted). Returns them."""
+        pages = self.held.pop(key, [])
+        self.allocator.decref(pages)
+        return len(pages)
+
+    @property
+    def held_pages(self) -> int:
+        return sum(len(p) for p in self.held.values())
 
     def _release(self, seq: Sequence, *, cache_computed: bool) -> None:
         ps = self.config.page_size
@@ -279,8 +336,8 @@ class Scheduler:
         return any(s.remaining > 0 for s in self.running) or bool(self.waiting)
 
     def pages_held_by_requests(self) -> int:
-        """References held by live sequences; 0 when nothing is alive."""
-        return sum(len(s.pages) for s in self.by_id.values())
+        """References held by live sequences and by held (quarantined) pages; 0 when nothing is alive."""
+        return sum(len(s.pages) for s in self.by_id.values()) + self.held_pages
 
     def check_pages(self) -> None:
         """Every page reference is accounted for: refcount == (1 if cached) + live sequences holding it, and a
@@ -290,6 +347,9 @@ class Scheduler:
             expected[p] += 1
         for seq in self.by_id.values():
             for p in seq.pages:
+                expected[p] += 1
+        for pages in self.held.values():
+            for p in pages:
                 expected[p] += 1
         for p, want in enumerate(expected):
             got = self.allocator.refcount(p)

@@ -54,6 +54,11 @@ class Sequence:
             self.prompt_len = len(self.token_ids)
 
     @property
+    def key(self) -> tuple[str, SeqKind]:
+        """Where the scheduler files it: an engine may hold a request's SEND and GENERATE sequences at once."""
+        return (self.request_id, self.kind)
+
+    @property
     def compute_target(self) -> int:
         return self.target if self.kind is SeqKind.SEND else len(self.token_ids)
 

@@ -1,12 +1,21 @@
 """The engine on the bus: subscriptions, replies, heartbeats. Bus I/O lives here, in asyncio; compute does not.
 
 Subjects (see ``busserve.bus.subjects``):
-  * ``engine.<id>.*`` — one subscription for generate / prep_recv / remote_send / start_generate / abort /
-    set_roles, so actions reach the compute thread in the order they were sent;
+  * ``engine.<id>.*`` — one subscription for generate / prep_recv / remote_send / start_generate / abort / renew /
+    probe / set_roles / kv_snapshot, so actions reach the compute thread in the order they were sent;
   * ``cancel`` — client cancels; ``kv.<id>`` — KV chunks when the bus is the transport;
   * publishes ``engines.status`` heartbeats and ``engines.<id>.kv`` prefix-cache events.
 
 Events produced by the compute thread are handed over in batches and published by one task, in order.
+
+**The fence.** A router takes an engine's supervised requests over once it has heard no heartbeat from it for
+``MISSED_HEARTBEATS`` intervals, and resumes them elsewhere. Whatever the reason for the silence — the process was
+stopped (SIGSTOP), its event loop starved, the connection to NATS lost — the engine must then never publish on
+those streams again. So the engine keeps the time of its last heartbeat sent while connected (``last_contact``);
+before publishing anything, and at every heartbeat, it checks that this is less than ``FENCE_HEARTBEATS``
+intervals ago (fewer than the routers wait). If not, it drops every supervised request (``FenceCmd``) and, until the
+compute thread has done so, discards their queued events. While disconnected it holds events back (rather than
+handing them to the client library's reconnect buffer) and releases them only if it reconnects in time.
 """
 
 from __future__ import annotations
@@ -16,18 +25,19 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from nats.aio.msg import Msg
 
 from busserve.bus import codec
-from busserve.bus.client import Bus, request_content_type
+from busserve.bus.client import MISSED_HEARTBEATS, Bus, request_content_type
 from busserve.bus.subjects import Subjects
 from busserve.config_store import ConfigStore, ConfigUnavailable, roles_key
 from busserve.engine.engine_core import EngineCore
-from busserve.engine.requests import ActionCmd, CallCmd, CancelCmd, GenerateCmd, Outbound
+from busserve.engine.requests import ActionCmd, CallCmd, CancelCmd, FenceCmd, GenerateCmd, Outbound, WritesOverCmd
 from busserve.engine.sequence import SeqKind
 from busserve.errors import MalformedMessage
 from busserve.kv.transfer.base import TransferError
@@ -44,7 +54,9 @@ from busserve.messages import (
     KVCommit,
     KVCommitReply,
     PrepRecv,
+    Probe,
     RemoteSend,
+    Renew,
     Role,
     RolesState,
     SetRoles,
@@ -60,10 +72,14 @@ ACTION_TYPES: dict[str, type] = {
     "remote_send": RemoteSend,
     "start_generate": StartGenerate,
     "abort": Abort,
+    "renew": Renew,
+    "probe": Probe,
 }
-# How long the bus side waits for the compute thread to answer an action. remote_send waits for a whole prefill.
-ACTION_TIMEOUT_S = {"prep_recv": 30.0, "start_generate": 30.0, "abort": 30.0, "remote_send": 900.0,
-                    "kv_snapshot": 30.0}
+# An engine fences itself after this many heartbeat intervals without contact; routers wait MISSED_HEARTBEATS.
+FENCE_HEARTBEATS = MISSED_HEARTBEATS - 0.5
+# The compute thread answers every action (also when it stops); this bound only keeps a lost answer from holding a
+# task forever.
+REPLY_LIMIT_S = 3600.0
 
 
 @dataclass
@@ -78,7 +94,7 @@ class EngineService:
         self.bus = bus
         self.core = core
         self.config = config or ServiceConfig()
-        self.engine_id = core.config.engine_id
+        self.engine_id = core.engine_id
         self.subjects: Subjects = bus.subjects
         core.kv_events_subject = self.subjects.engine_kv_events(self.engine_id)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -88,6 +104,14 @@ class EngineService:
         self._heartbeat_seq = 0
         self.host = socket.gethostname()
         self.store: ConfigStore | None = None
+        self.state: Literal["serving", "draining", "stopped"] = "serving"
+        self.last_contact = time.monotonic()
+        self._fencing = False  # a fence is under way: supervised events are dropped until the core confirms
+        self.fences = 0
+
+    @property
+    def fence_after_s(self) -> float:
+        return FENCE_HEARTBEATS * self.config.heartbeat_s
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -97,7 +121,7 @@ class EngineService:
         self.loop = asyncio.get_running_loop()
         self.core.emit = self._emit_threadsafe
         if self.core.kv.shm_name is not None and "shm" in self.core.config.transports:
-            self.core.transports["shm"] = ShmTransport(self.core.kv, self.core.transfer_executor)
+            self.core.transports["shm"] = ShmTransport(self.core.kv, self.core.transfer_executor, self.bus, self.loop)
         if "bus" in self.core.config.transports:
             self.core.transports["bus"] = BusTransport(self.bus, self.loop, self.core.transfer_executor,
                                                        self.engine_id)
@@ -112,6 +136,7 @@ class EngineService:
         await self._follow_stored_roles()
         if run_core:
             self.core.start()
+        self.last_contact = time.monotonic()
         self._tasks.append(asyncio.create_task(self._heartbeat(), name="engine-heartbeat"))
         log.info("engine %s serving %s (%d KV pages of %d tokens, transports: %s)", self.engine_id,
                  self.core.loaded.name, self.core.allocator.num_pages, self.core.config.page_size,
@@ -137,32 +162,70 @@ class EngineService:
         await self.store.watch(roles_key(self.engine_id), RolesState, on_change)
 
     async def stop(self) -> None:
-        if self.store is not None:
-            await self.store.close()
+        """Stop taking work, let the compute loop drop or fail what it holds (``EngineCore._close_requests``),
+        publish that, then a last heartbeat saying ``stopped`` — routers resume the dropped requests at once."""
+        self.state = "draining"
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        if self.store is not None:
+            await self.store.close()
         await asyncio.get_running_loop().run_in_executor(None, self.core.stop)
-        # Let the last events out before the publisher goes.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._outbox.join(), timeout=5)
+        self.state = "stopped"
+        with contextlib.suppress(Exception):
+            await self.bus.publish(self.subjects.engines_status(), self.status())
+            await self.bus.nc.flush(timeout=2)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
 
-    # ------------------------------------------------------------------ outbound
+    # ------------------------------------------------------------------ outbound, and the fence
 
     def _emit_threadsafe(self, outs: list[Outbound]) -> None:
         assert self.loop is not None
         self.loop.call_soon_threadsafe(self._outbox.put_nowait, outs)
 
+    def _in_contact(self) -> bool:
+        return time.monotonic() - self.last_contact < self.fence_after_s
+
+    async def _fence(self, why: str) -> None:
+        """Drop every supervised request (their routers have given up on us), and their events until that is done."""
+        if self._fencing:
+            return
+        self._fencing = True
+        self.fences += 1
+        assert self.loop is not None
+        loop, done = self.loop, asyncio.Event()
+        log.warning("engine %s fencing itself: %s", self.engine_id, why)
+        self.core.submit(FenceCmd(why))
+        # The fence is in the inbox; a CallCmd behind it answers once the compute thread has applied it.
+        self.core.submit(CallCmd(lambda: None, lambda _: loop.call_soon_threadsafe(done.set)))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout=REPLY_LIMIT_S)
+        self._fencing = False
+        self.last_contact = time.monotonic()
+
+    async def _await_contact(self) -> bool:
+        """Wait while disconnected, up to the fence; True once connected with contact kept."""
+        while self.bus.connected_since is None or not self.bus.nc.is_connected:
+            if not self._in_contact():
+                return False
+            await asyncio.sleep(0.05)
+        return self._in_contact()
+
     async def _publisher(self) -> None:
         while True:
             outs = await self._outbox.get()
             try:
+                if any(o.supervised for o in outs) and not await self._await_contact():
+                    await self._fence(f"no contact with the bus for over {self.fence_after_s:g}s")
                 for o in outs:
+                    if o.supervised and self._fencing:
+                        continue
                     try:
                         await self.bus.publish(o.subject, o.msg, content_type=o.content_type, trace=False)
                     except Exception as exc:
@@ -171,12 +234,18 @@ class EngineService:
                 self._outbox.task_done()
 
     async def _heartbeat(self) -> None:
+        interval = self.config.heartbeat_s
         while True:
+            gap = time.monotonic() - self.last_contact
+            if gap >= self.fence_after_s and self.state != "stopped":
+                await self._fence(f"{gap:.1f}s since the last heartbeat went out")
             try:
-                await self.bus.publish(self.subjects.engines_status(), self.status())
+                if self.bus.nc.is_connected and self.bus.connected_since is not None:
+                    await self.bus.publish(self.subjects.engines_status(), self.status())
+                    self.last_contact = time.monotonic()
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
-            await asyncio.sleep(self.config.heartbeat_s)
+            await asyncio.sleep(interval)
 
     def status(self) -> EngineStatus:
         core = self.core
@@ -196,6 +265,7 @@ class EngineService:
             host=self.host, pid=os.getpid(), cached_pages=core.cache.num_pages,
             prefix_hit_rate=core.cache.hit_rate, interval_s=self.config.heartbeat_s, seq=self._heartbeat_seq,
             metrics_url=self.config.metrics_url, pending_prefill_tokens=pending, decoding=decoding,
+            draining=self.state != "serving", state=self.state, quarantined_pages=sched.held_pages,
         )
 
     # ------------------------------------------------------------------ inbound
@@ -210,12 +280,7 @@ class EngineService:
             await self._on_set_roles(msg)
             return
         if action == "kv_snapshot":
-            assert self.loop is not None
-            fut: asyncio.Future[Any] = self.loop.create_future()
-            loop = self.loop
-            self.core.submit(CallCmd(self.core.kv_snapshot,
-                                     lambda v: loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(v))))
-            self._spawn(self._reply_when_done(msg, fut, action, ""))
+            self._spawn(self._reply_when_done(msg, self._call(self.core.kv_snapshot), action, ""))
             return
         typ = ACTION_TYPES.get(action)
         if typ is None:
@@ -238,9 +303,16 @@ class EngineService:
         self.core.submit(ActionCmd(decoded, reply, ct, trace=propagation.extract(msg.headers)))
         self._spawn(self._reply_when_done(msg, fut, action, decoded.request_id))
 
+    def _call(self, fn: Any) -> asyncio.Future[Any]:
+        assert self.loop is not None
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        loop = self.loop
+        self.core.submit(CallCmd(fn, lambda v: loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(v))))
+        return fut
+
     async def _reply_when_done(self, msg: Msg, fut: asyncio.Future[Any], action: str, rid: str) -> None:
         try:
-            result = await asyncio.wait_for(fut, timeout=ACTION_TIMEOUT_S[action])
+            result = await asyncio.wait_for(fut, timeout=REPLY_LIMIT_S)
         except TimeoutError:
             result = Error(code="timeout", request_id=rid, message=f"engine {self.engine_id} did not finish {action}")
         await self.bus.respond(msg, result)
@@ -264,6 +336,8 @@ class EngineService:
         rid = req.request_id or uuid.uuid4().hex
         ct = req.stream.content_type or ct
         try:
+            if self.state != "serving":
+                raise RequestRejected("overloaded", f"engine {self.engine_id} is {self.state}")
             if req.model and req.model != self.core.loaded.name:
                 raise RequestRejected("unknown_model", f"this engine serves {self.core.loaded.name!r}, "
                                                        f"not {req.model!r}", field="model")
@@ -299,6 +373,9 @@ class EngineService:
         except MalformedMessage as exc:
             await self.bus.respond(msg, exc.error)
             return
+        if isinstance(decoded, KVCommit) and decoded.transport != "bus":
+            self.core.submit(WritesOverCmd(decoded.request_id))  # a shm sender is done writing: no reply
+            return
         try:
             if isinstance(decoded, KVChunk):
                 self.core.landing.write(decoded)
@@ -311,4 +388,3 @@ class EngineService:
             log.warning("KV data for %s refused: %s", decoded.request_id, exc)
             await self.bus.respond(msg, Error(code="transfer_failed", message=str(exc),
                                               request_id=decoded.request_id))
-

@@ -4,14 +4,20 @@ Slot ``s`` of a layer is token ``s % page_size`` of page ``s // page_size``; ``l
 ``[num_slots, num_kv_heads, head_dim]`` views of K and V that attention indexes by slot. On the CPU the pool can
 live in shared memory (a file in /dev/shm mapped with MAP_SHARED) so that another engine on the same host can
 write into it directly — the ``shm`` transport. ``attach`` maps such a pool from its handle.
+
+Segments are named ``busserve-kv-<engine>-<pid>-<n>`` and created exclusively with mode 0600 after checking that
+/dev/shm has room; an engine that starts removes the segments of engine processes that are gone (a SIGKILLed
+engine cannot unlink its own).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import mmap
 import os
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +32,65 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "busserve-kv-"
+# busserve-kv-<engine>-<pid>-<n>; the older busserve-kv-<engine>-<tid> form is cleaned up too.
+_SEGMENT = re.compile(rf"^{re.escape(SHM_PREFIX)}(?P<engine>.+?)-(?P<pid>\d+)-(?P<n>\d+)$")
+_OLD_SEGMENT = re.compile(rf"^{re.escape(SHM_PREFIX)}(?P<engine>.+)-(?P<pid>\d+)$")
+
+log = logging.getLogger(__name__)
+
+
+class SharedMemoryError(OSError):
+    """The shared-memory KV pool cannot be created (no room in /dev/shm, a name taken)."""
+
+
+def shm_segment_name(engine_id: str, pid: int, n: int = 0) -> str:
+    return f"{SHM_PREFIX}{engine_id}-{pid}-{n}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_segments(shm_dir: Path = SHM_DIR) -> list[str]:
+    """Unlink the KV segments of engine processes that no longer exist; returns their names."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for path in shm_dir.iterdir():
+            m = _SEGMENT.match(path.name) or _OLD_SEGMENT.match(path.name)
+            if m is None or _pid_alive(int(m.group("pid"))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path.name)
+    if removed:
+        log.info("removed %d shared KV segment(s) of engines that are gone: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def _create_segment(path: Path, nbytes: int) -> None:
+    """Create ``path`` (must not exist) of ``nbytes``, readable and writable by this user only."""
+    st = os.statvfs(path.parent)
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise SharedMemoryError(
+            f"the KV pool needs {nbytes / 2**20:.0f} MiB of shared memory, {path.parent} has {free / 2**20:.0f} MiB "
+            "free: give a smaller --kv-memory, enlarge /dev/shm (docker: --shm-size), or drop the shm transport")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as exc:
+        raise SharedMemoryError(f"shared KV segment {path} exists already (another engine with this id and pid?)"
+                                ) from exc
+    try:
+        os.ftruncate(fd, nbytes)
+    finally:
+        os.close(fd)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -75,8 +140,8 @@ class KVStorage:
             if torch.device(device).type != "cpu":
                 raise ValueError("a shared-memory KV pool lives in host memory")
             path = SHM_DIR / shm_name
-            with open(path, "wb") as f:
-                f.truncate(layout.nbytes)
+            remove_stale_segments(path.parent)
+            _create_segment(path, layout.nbytes)
             self._shm_path = path
             self._mm, flat = _map(path, layout, populate=False)
             # tmpfs allocates a page on its first write, and on this kind of VM that costs ~40 us per 4 KiB: a

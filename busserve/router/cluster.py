@@ -2,25 +2,30 @@
 whose methods are the three microserving actions (plus abort).
 
 The view is fed by engine heartbeats (EngineStatus) and KV events (chained page hashes); an engine that misses
-three heartbeats drops out. ``Engine.prep_recv`` picks the KV transport for the pair: ``shm`` when sender and
-receiver share a host and both offer it, otherwise ``bus``.
+``MISSED_HEARTBEATS`` heartbeats drops out, and is *gone* — its requests are the router's to take over — once that
+silence spans a stretch this router was itself connected for, or at once when its last heartbeat said ``stopped``
+(engines fence themselves sooner: ``engine/service.py``). ``Engine.prep_recv`` picks the KV transport for the pair:
+``shm`` when sender and receiver share a host and both offer it, otherwise ``bus``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from busserve.bus.client import Bus
-from busserve.errors import BusserveError
+from busserve.bus.client import MISSED_HEARTBEATS, Bus
+from busserve.errors import BusserveError, RequestTimeout
 from busserve.kv.page_hash import prefix_page_hashes
 from busserve.messages import (
     Abort,
     AbortReply,
     EngineStatus,
+    ErrorCode,
     KVAddress,
     KVCleared,
     KVEventBatch,
@@ -29,8 +34,12 @@ from busserve.messages import (
     KVStored,
     PrepRecv,
     PrepRecvReply,
+    Probe,
+    ProbeReply,
     RemoteSend,
     RemoteSendReply,
+    Renew,
+    RenewReply,
     Role,
     StartGenerate,
     StartGenerateReply,
@@ -40,18 +49,28 @@ from busserve.router.request import Request
 from busserve.telemetry import attributes as A
 from busserve.telemetry.router_telemetry import sub_request_span
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-MISSED_HEARTBEATS = 3
+SENDER_WATCH_S = 0.25  # how often a remote_send in progress checks that its sender is still there
+
+
+class EngineLost(BusserveError):
+    """The engine an action waits on is gone (silent past the heartbeat limit, or stopped)."""
+
+    code: ErrorCode = "engine_failure"
 
 
 @dataclass
 class Timeouts:
     prep_recv_s: float = 10.0
-    remote_send_s: float = 600.0  # a whole prefill on a CPU
+    remote_send_s: float = 600.0  # a whole prefill on a CPU, queue included (a lost sender is noticed sooner)
     start_generate_s: float = 10.0
-    abort_s: float = 5.0
-    lease_s: float = 60.0  # how long a receiver keeps a parked request; longer than any remote_send
+    abort_s: float = 2.0
+    probe_s: float = 2.0
+    # A parked receive's lease, renewed every lease_s / 3 while the strategy works on the request: a router that
+    # dies leaves it to lapse (an Error on the stream) within lease_s.
+    lease_s: float = 15.0
 
 
 @dataclass
@@ -67,11 +86,13 @@ class EngineState:
 class Engine:
     """One engine, as a strategy uses it. Attributes mirror its last heartbeat."""
 
-    def __init__(self, bus: Bus, state: EngineState, timeouts: Timeouts, load: LoadTracker) -> None:
+    def __init__(self, bus: Bus, state: EngineState, timeouts: Timeouts, load: LoadTracker,
+                 gone: Callable[[str], bool] | None = None) -> None:
         self._bus = bus
         self._state = state
         self._t = timeouts
         self._load = load
+        self._gone = gone or (lambda _eid: False)
         self.status = state.status
         self.id = state.status.engine_id
 
@@ -138,18 +159,23 @@ class Engine:
         """Reserve KV for ``prompt[:end]`` here (matching our cached prefix) and park the request."""
         req.touched.add(self.id)
         self._load.assign(req, self.id)
+        chosen = transport or self.transport_from(sender)
         msg = PrepRecv(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, end=end,
                        stream_subject=req.stream_subject, sampling=req.sampling, stream=req.stream, model=req.model,
-                       lease_s=self._t.lease_s, transport=transport or self.transport_from(sender))
+                       lease_s=self._t.lease_s, transport=chosen, label=req.label, output_offset=req.output_offset,
+                       write_window_s=self._t.remote_send_s + 60.0, supervisor=req.supervisor,
+                       sender_pid=sender.status.pid if sender is not None and chosen == "shm" else 0)
         with sub_request_span("prep_recv", self.id, req.request_id, **{A.RANGE_END: end}) as span:
             reply = await self._bus.request(self._subject("prep_recv"), msg, PrepRecvReply,
                                             timeout_s=self._t.prep_recv_s)
+            req.parked_on.add(self.id)
             span.set_attribute(A.MATCHED, reply.matched)
             return reply
 
     async def remote_send(self, req: Request, kv_addr: KVAddress, begin: int, end: int) -> RemoteSendReply:
         """Compute (or take from our cache) the KV of ``prompt[:end]`` and write ``[begin, end)`` to ``kv_addr``."""
         req.touched.add(self.id)
+        req.senders.add(self.id)
         msg = RemoteSend(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids[:end], kv_addr=kv_addr,
                          begin=begin, end=end, model=req.model)
         self._load.add(self.id, 1)  # busy while it prefills for someone else
@@ -157,8 +183,8 @@ class Engine:
         try:
             with sub_request_span("remote_send", self.id, req.request_id, **{
                 A.RANGE_BEGIN: begin, A.RANGE_END: end, A.KV_BACKEND: kv_addr.transport}) as span:
-                reply = await self._bus.request(self._subject("remote_send"), msg, RemoteSendReply,
-                                                timeout_s=self._t.remote_send_s)
+                reply = await self._while_present(self._bus.request(
+                    self._subject("remote_send"), msg, RemoteSendReply, timeout_s=self._t.remote_send_s))
                 span.set_attribute(A.KV_BYTES, reply.bytes_sent)
                 return reply
         finally:
@@ -174,15 +200,49 @@ class Engine:
         req.start_pending = self.id
         with sub_request_span("start_generate", self.id, req.request_id, **{A.RANGE_BEGIN: begin}):
             msg = StartGenerate(request_id=req.request_id, begin=begin, prefill_chunk=prefill_chunk)
-            reply = await self._bus.request(self._subject("start_generate"), msg, StartGenerateReply,
-                                            timeout_s=self._t.start_generate_s)
+            try:
+                reply = await self._bus.request(self._subject("start_generate"), msg, StartGenerateReply,
+                                                timeout_s=self._t.start_generate_s)
+            except RequestTimeout:
+                # Lost in one direction or the other: the engine says whether it took the request.
+                state = (await self.probe(req)).state
+                if state not in ("waiting", "running"):
+                    raise
+                reply = StartGenerateReply(request_id=req.request_id, engine_id=self.id)
         req.started_on, req.start_pending = self.id, None
+        req.parked_on.discard(self.id)
         return reply
 
-    async def abort(self, req: Request, *, notify: bool = False, reason: str = "") -> AbortReply:
-        return await self._bus.request(self._subject("abort"), Abort(request_id=req.request_id, notify=notify,
-                                                                    reason=reason), AbortReply,
-                                       timeout_s=self._t.abort_s)
+    async def abort(self, req: Request, *, notify: bool = False, reason: str = "",
+                    sender_stopped: bool = False) -> AbortReply:
+        msg = Abort(request_id=req.request_id, notify=notify, reason=reason, sender_stopped=sender_stopped)
+        return await self._bus.request(self._subject("abort"), msg, AbortReply, timeout_s=self._t.abort_s)
+
+    async def renew(self, req: Request) -> RenewReply:
+        return await self._bus.request(self._subject("renew"), Renew(request_id=req.request_id,
+                                                                    lease_s=self._t.lease_s), RenewReply,
+                                       timeout_s=self._t.probe_s)
+
+    async def probe(self, req: Request) -> ProbeReply:
+        return await self._bus.request(self._subject("probe"), Probe(request_id=req.request_id), ProbeReply,
+                                       timeout_s=self._t.probe_s)
+
+    async def _while_present(self, call: Awaitable[T]) -> T:
+        """Await ``call`` unless this engine is gone first (then EngineLost): a dead sender is noticed from its
+        heartbeats within seconds, not at the end of a long timeout."""
+        task = asyncio.ensure_future(call)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=SENDER_WATCH_S)
+                if done:
+                    return task.result()
+                if self._gone(self.id):
+                    raise EngineLost(f"engine {self.id} stopped answering (no heartbeat) during the action")
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
 
 class LoadTracker:
@@ -324,8 +384,23 @@ class ClusterView:
             if batch.seq == state.kv_seq + 1:
                 self._apply(state, batch)
 
+    @staticmethod
+    def dead_after_s(state: EngineState) -> float:
+        return MISSED_HEARTBEATS * max(state.status.interval_s, 0.1)
+
     def alive(self, state: EngineState, now: float) -> bool:
-        return now - state.last_seen <= MISSED_HEARTBEATS * max(state.status.interval_s, 0.1)
+        return state.status.state != "stopped" and now - state.last_seen <= self.dead_after_s(state)
+
+    def is_gone(self, engine_id: str) -> bool:
+        """True once this router may take the engine's requests over: it said it stopped, or it has been silent
+        for longer than the heartbeat limit while this router was connected (our own outage proves nothing)."""
+        state = self._engines.get(engine_id)
+        if state is None:
+            return self.bus.connected_for() > MISSED_HEARTBEATS
+        if state.status.state == "stopped":
+            return True
+        limit = self.dead_after_s(state)
+        return time.monotonic() - state.last_seen > limit and self.bus.connected_for() > limit
 
     def engines(self, *, role: Role | None = None, model: str = "") -> list[Engine]:
         now = time.monotonic()
@@ -337,14 +412,14 @@ class ClusterView:
                 continue
             if model and state.status.model != model:
                 continue
-            out.append(Engine(self.bus, state, self.timeouts, self.load))
+            out.append(Engine(self.bus, state, self.timeouts, self.load, self.is_gone))
         return sorted(out, key=lambda e: e.id)
 
     def get(self, engine_id: str) -> Engine | None:
         state = self._engines.get(engine_id)
         if state is None:
             return None
-        return Engine(self.bus, state, self.timeouts, self.load)
+        return Engine(self.bus, state, self.timeouts, self.load, self.is_gone)
 
     def is_alive(self, engine_id: str) -> bool:
         state = self._engines.get(engine_id)
@@ -354,12 +429,6 @@ class ClusterView:
         now = time.monotonic()
         return {s.status.model for s in self._engines.values() if self.alive(s, now)}
 
-    def forget_dead(self) -> list[str]:
-        now = time.monotonic()
-        dead = [eid for eid, s in self._engines.items() if now - s.last_seen > 10 * MISSED_HEARTBEATS]
-        for eid in dead:
-            del self._engines[eid]
-        return dead
 
 
 def least_loaded(engines: Iterable[Engine], exclude: Iterable[Engine] = ()) -> Engine | None:

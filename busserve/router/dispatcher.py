@@ -1,15 +1,11 @@
 """The router: takes GenerateRequests from the generate subject (queue group — run as many routers as you like),
-tokenizes them, runs the active strategy, and guarantees each request exactly one terminal event.
+tokenizes them, runs the active strategy, and supervises each request to exactly one terminal event.
 
-Lifecycle of a request here:
- 1. decode and validate; tokenize (chat template); check model, engines, prompt length — any failure is an Error
-    on the request's stream, at once;
- 2. snapshot the active strategy (a switch later does not touch this request) and run it — in this process for a
-    built-in or loaded strategy, or by forwarding to a strategy process on its own subject;
- 3. the engine that accepted start_generate now owns the stream; the router watches it until the terminal event,
-    and publishes an Error itself only if that engine dies first;
- 4. if the strategy fails (an engine error, a time-out, no responders), the engines it touched are aborted and
-    the client gets an Error — or, for a client cancel, Final(cancelled) — unless an engine already sent one.
+The request's life — states, owners, timers, and the one function that ends a stream here — is in
+``lifecycle.py``; watching a started request and resuming it after a lost engine in ``supervision.py``. This
+module wires them to the bus: admission (decode, validate, tokenize, check model, context and capacity), the
+strategy (in this process, or forwarded to a strategy process on its own subject), the live strategy setting,
+cancels, and the router's heartbeat.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 import uuid
 from collections import OrderedDict
@@ -48,8 +43,18 @@ from busserve.messages import (
     TokenChunk,
 )
 from busserve.router.cluster import ClusterView, Timeouts
+from busserve.router.lifecycle import Flight, State
+from busserve.router.registry import BUILTINS
 from busserve.router.request import Request
-from busserve.router.strategy import BUILTINS, Cluster, NoEngine, StrategyFailed, StrategyFn, coerce_params
+from busserve.router.strategy import (
+    Cluster,
+    NoEngine,
+    StrategyFailed,
+    StrategyFn,
+    coerce_params,
+    run_strategy,
+)
+from busserve.router.supervision import SupervisionConfig, Supervisor, release
 from busserve.telemetry import propagation
 from busserve.telemetry.router_telemetry import RouterTelemetry, sub_request_span
 from busserve.tokenization import RequestRejected, prompt_token_ids
@@ -64,10 +69,11 @@ class RouterConfig:
     router_id: str = field(default_factory=lambda: f"router-{uuid.uuid4().hex[:6]}")
     initial_strategy: str = "least_loaded"
     initial_params: dict[str, StrategyParam] = field(default_factory=dict)
-    max_in_flight: int = 1024  # beyond this a request is refused with "overloaded"
+    max_in_flight: int = 1024  # beyond this a request is refused with "overloaded" (HTTP 429)
     strategy_timeout_s: float = 900.0  # a strategy may wait for a whole remote prefill
     heartbeat_s: float = 1.0
     timeouts: Timeouts = field(default_factory=Timeouts)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
 
 
 @dataclass
@@ -78,19 +84,6 @@ class ActiveStrategy:
     revision: int = 0
 
 
-@dataclass
-class InFlight:
-    req: Request
-    strategy: str
-    started: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    terminal: asyncio.Event = field(default_factory=asyncio.Event)
-    terminal_event: Any = None
-    cancelled: bool = False
-    tokens: int = 0
-    last_token_at: float | None = None
-
-
 class Router:
     def __init__(self, bus: Bus, tokenizer: Any, config: RouterConfig | None = None) -> None:
         self.bus = bus
@@ -98,21 +91,22 @@ class Router:
         self.config = config or RouterConfig()
         self.view = ClusterView(bus, self.config.timeouts)
         self.active = ActiveStrategy(self.config.initial_strategy, None, dict(self.config.initial_params))
-        self.in_flight: dict[str, InFlight] = {}
-        # Cancels can overtake their request (it may still be tokenizing): remember recent ones.
+        self.in_flight: dict[str, Flight] = {}  # by engine-side id of the first attempt
+        # Cancels can overtake their request (it may still be tokenizing): remember recent ones (by label).
         self.cancelled: OrderedDict[str, None] = OrderedDict()
         self.completed = 0
         self.failed = 0
+        self.resumed = 0
         self.store: ConfigStore | None = None
         self._subs: list[Any] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._seq = 0
         self.telemetry = RouterTelemetry(self.config.router_id, lambda: self.active, lambda: self.in_flight)
+        self.supervisor = Supervisor(bus, self.view, self.config.supervision, on_resume=self._on_resume)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        import busserve.router.strategies  # noqa: F401 - register the built-ins
-
         s = self.bus.subjects
         self._subs.append(await self.bus.subscribe(s.engines_status(), self._on_engine_status))
         self._subs.append(await self.bus.subscribe(s.all_kv_events(), self._on_kv_events))
@@ -221,7 +215,11 @@ class Router:
         with contextlib.suppress(MalformedMessage):
             self.view.on_kv_events(codec.decode(msg.data, KVEventBatch, msg.headers))
 
-    # ------------------------------------------------------------------ requests
+    # ------------------------------------------------------------------ admission
+
+    def _new_id(self) -> str:
+        self._seq += 1
+        return f"{self.config.router_id}-{self._seq:x}"
 
     async def _on_generate(self, msg: Msg) -> None:
         if not msg.reply:
@@ -233,24 +231,26 @@ class Router:
         except MalformedMessage as exc:
             await self.bus.publish(msg.reply, exc.error, content_type=ct, trace=False)
             return
-        rid = gen.request_id or uuid.uuid4().hex
+        label = gen.request_id or uuid.uuid4().hex
         ct = gen.stream.content_type or ct
         try:
-            req = await self._admit(gen, rid, msg.reply, ct)
+            req = await self._admit(gen, label, msg.reply, ct)
         except BusserveError as exc:
             self.failed += 1
-            await self.bus.publish(msg.reply, exc.to_error(rid), content_type=ct, trace=False)
+            await self.bus.publish(msg.reply, exc.to_error(label), content_type=ct, trace=False)
             return
         req.operation = "chat" if gen.messages is not None else "text_completion"
+        flight = Flight(req=req, strategy=self.active.name, cancelled=label in self.cancelled,
+                        resume_limit=self.config.supervision.resume_limit if gen.resume_limit is None
+                        else gen.resume_limit)
+        self.in_flight[req.base_id] = flight
         parent = propagation.extract(msg.headers)  # continue the caller's trace, if it sent one
-        self._spawn(self._serve(req, self.active, parent), name=f"request-{rid}")
+        self._spawn(self._serve(flight, self.active, parent), name=f"request-{req.request_id}")
 
-    async def _admit(self, gen: GenerateRequest, rid: str, stream_subject: str, ct: Any) -> Request:
-        if rid in self.in_flight:
-            raise RequestRejected("conflict", f"request {rid} is already in flight", field="request_id")
+    async def _admit(self, gen: GenerateRequest, label: str, stream_subject: str, ct: Any) -> Request:
         if len(self.in_flight) >= self.config.max_in_flight:
             raise RequestRejected("overloaded", f"router {self.config.router_id} has {len(self.in_flight)} "
-                                                "requests in flight; try again later")
+                                                "requests in flight (its bound); try again later")
         engines = self.view.engines()
         if not engines:
             raise NoEngine("no engine is up")
@@ -264,143 +264,118 @@ class Router:
         if len(ids) >= limit:
             raise RequestRejected("prompt_too_long", f"prompt has {len(ids)} tokens; the context is {limit} tokens "
                                                      "and at least one must be left for the output", field="prompt")
-        return Request(request_id=rid, prompt_token_ids=ids, sampling=gen.sampling, stream_subject=stream_subject,
-                       stream=gen.stream, content_type=ct, model=gen.model)
+        return Request(request_id=self._new_id(), prompt_token_ids=ids, sampling=gen.sampling,
+                       stream_subject=stream_subject, stream=gen.stream, content_type=ct, model=gen.model,
+                       label=label, supervisor=self.config.router_id)
 
-    async def _serve(self, req: Request, active: ActiveStrategy, parent: Any = None) -> None:
-        flight = InFlight(req=req, strategy=active.name, cancelled=req.request_id in self.cancelled)
+    # ------------------------------------------------------------------ one request
+
+    async def _serve(self, flight: Flight, active: ActiveStrategy, parent: Any = None) -> None:
+        req = flight.req
         req.strategy = active.name
-        self.in_flight[req.request_id] = flight
-        outcome = "error"
         sub = None
         with self.telemetry.request_span(req, parent, req.operation) as span:
             try:
                 async def on_stream(msg: Msg) -> None:
-                    await self._on_stream(flight, msg)
+                    self._on_stream(flight, msg)
 
                 # Watch the stream before anything can be published on it.
                 sub = await self.bus.nc.subscribe(req.stream_subject, cb=on_stream)
-                outcome = await self._route(flight, active)
+                await flight.announce(self.bus, self.config.router_id, self.config.heartbeat_s)
+                if await self._route(flight, active):
+                    await self.supervisor.watch(flight, flight.resume_limit)
             except Exception as exc:  # a bug of ours must still end the request
-                log.exception("routing %s failed", req.request_id)
+                log.exception("routing %s failed", req.label)
                 with contextlib.suppress(Exception):
-                    await self._fail(flight, Error(code="internal", request_id=req.request_id,
+                    await self._fail(flight, Error(code="internal",
                                                    message=f"router error: {type(exc).__name__}: {exc}"))
             finally:
                 if sub is not None:
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
-                self.view.load.release(req)
-                self.in_flight.pop(req.request_id, None)
-                if outcome == "error":
-                    self.failed += 1
-                else:
+                for attempt in [req, *flight.attempts]:
+                    self.view.load.release(attempt)
+                self.in_flight.pop(req.base_id, None)
+                if flight.outcome() == "ok":
                     self.completed += 1
+                else:
+                    self.failed += 1
                 with contextlib.suppress(Exception):
-                    self.telemetry.on_finish(flight, outcome, span)
+                    self.telemetry.on_finish(flight, flight.outcome(), span)
 
-    async def _route(self, flight: InFlight, active: ActiveStrategy) -> str:
-        """Run the strategy, then watch the stream; returns "ok" or "error"."""
+    async def _route(self, flight: Flight, active: ActiveStrategy) -> bool:
+        """ROUTING: run the strategy; True once an engine accepted start_generate (then it owns the stream)."""
         req = flight.req
+        flight.state = State.ROUTING
+        if flight.cancelled:
+            await flight.end(self.bus, Final(request_id=req.label, finish_reason="cancelled"))
+            return False
         try:
             await asyncio.wait_for(self._run_strategy(req, active), timeout=self.config.strategy_timeout_s)
             if req.started_on is None:
                 raise StrategyFailed(f"strategy {active.name} returned without a start_generate")
         except TimeoutError:
-            await self._fail(flight, Error(code="timeout", request_id=req.request_id,
-                                           message=f"strategy {active.name} took over "
-                                                   f"{self.config.strategy_timeout_s:g}s"))
-            return "error"
+            await self._fail(flight, Error(code="timeout", message=f"strategy {active.name} took over "
+                                                                   f"{self.config.strategy_timeout_s:g}s"))
+            return False
         except BusserveError as exc:
-            await self._fail(flight, exc.to_error(req.request_id))
-            return "error"
+            await self._fail(flight, exc.to_error(req.label))
+            return False
         except ValueError as exc:
-            await self._fail(flight, Error(code="invalid_request", message=str(exc), request_id=req.request_id))
-            return "error"
-        return await self._supervise(flight)
+            await self._fail(flight, Error(code="invalid_request", message=str(exc)))
+            return False
+        return True
 
     async def _run_strategy(self, req: Request, active: ActiveStrategy) -> None:
         if active.fn is not None:
-            await active.fn(req, Cluster(self.view, req.model), **active.params)
+            await run_strategy(active.fn, req, Cluster(self.view, req.model), active.params)
             return
         routed = RoutedRequest(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
                                stream_subject=req.stream_subject, sampling=req.sampling, stream=req.stream,
-                               model=req.model, params=active.params)
+                               model=req.model, params=active.params, label=req.label, supervisor=req.supervisor)
         with sub_request_span(f"strategy {active.name}", "", req.request_id):
             result = await self.bus.request(self.bus.subjects.strategy(active.name), routed, StrategyResult,
                                             timeout_s=self.config.strategy_timeout_s)
+        if result.request_id != req.request_id:  # the strategy started over under a fresh id
+            req.request_id = result.request_id
         req.touched.update(result.touched)
+        req.senders.update(result.senders)
         req.started_on = result.started_on
         if result.error is not None:
             raise RemoteError(result.error)
 
-    async def _on_stream(self, flight: InFlight, msg: Msg) -> None:
+    def _on_stream(self, flight: Flight, msg: Msg) -> None:
         try:
             event = codec.decode(msg.data, StreamEvent, msg.headers)
         except MalformedMessage:
             return
+        first = False
         if isinstance(event, TokenChunk):
-            if flight.first_token_at is None:
-                flight.first_token_at = time.monotonic()
-                self.view.load.first_token(flight.req)
-            flight.tokens += len(event.token_ids)
             self.telemetry.on_tokens(flight, len(event.token_ids))
-        elif not flight.terminal.is_set():
-            flight.terminal_event = event
-            flight.terminal.set()
+            first = flight.first_token_at is None
+        flight.on_event(event)
+        if first:
+            self.view.load.first_token(flight.req)
 
-    async def _supervise(self, flight: InFlight) -> str:
-        """Wait for the terminal event; if the owning engine dies first, send an Error in its place."""
+    async def _fail(self, flight: Flight, error: Error) -> None:
+        """The strategy failed: release the engines it touched, then end the stream — unless an engine did."""
         req = flight.req
-        engine = req.started_on
-        assert engine is not None
-        while not flight.terminal.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(flight.terminal.wait(), timeout=1.0)
-            if not flight.terminal.is_set() and not self.view.is_alive(engine):
-                await self._publish_terminal(flight, Error(
-                    code="engine_failure", request_id=req.request_id,
-                    message=f"engine {engine} stopped answering while serving this request"))
-                return "error"
-        return "error" if isinstance(flight.terminal_event, Error) else "ok"
-
-    async def _fail(self, flight: InFlight, error: Error) -> None:
-        """The strategy failed: release the engines it touched, then send the one terminal event if none was."""
-        req = flight.req
-        terminal_elsewhere = await self._release(req, reason=error.message)
-        if terminal_elsewhere or flight.terminal.is_set():
+        ended_elsewhere = await release(self.view, req, error.message, owner=req.start_pending or req.started_on)
+        if ended_elsewhere or flight.terminal.is_set():
+            flight.accept_engine_ended(None)
             return
-        if flight.cancelled or req.request_id in self.cancelled:
-            await self._publish_terminal(flight, Final(request_id=req.request_id, finish_reason="cancelled"))
+        if flight.cancelled or req.label in self.cancelled:
+            await flight.end(self.bus, Final(request_id=req.label, finish_reason="cancelled"))
         else:
-            await self._publish_terminal(flight, error)
+            await flight.end(self.bus, error)
 
-    async def _release(self, req: Request, reason: str) -> bool:
-        """Abort the request on every engine it touched. True if an engine sent (or sends now) its terminal."""
-        owner = req.start_pending or req.started_on
-        targets = set(req.touched) or {e.id for e in self.view.engines()}
-        done = False
-
-        async def abort(eid: str) -> None:
-            nonlocal done
-            engine = self.view.get(eid)
-            if engine is None:
-                return
-            with contextlib.suppress(BusserveError):
-                reply = await engine.abort(req, notify=eid == owner, reason=reason[:200])
-                done = done or reply.notified or reply.terminated
-
-        await asyncio.gather(*(abort(e) for e in targets))
-        return done
-
-    async def _publish_terminal(self, flight: InFlight, event: Final | Error) -> None:
-        if flight.terminal.is_set():
-            return
-        flight.terminal_event = event
-        flight.terminal.set()
-        await self.bus.publish(flight.req.stream_subject, event, content_type=flight.req.content_type, trace=False)
+    def _on_resume(self, flight: Flight, lost: str) -> None:
+        self.resumed += 1
+        self.telemetry.on_resume(flight, lost)
 
     async def _on_cancel(self, msg: Msg) -> None:
+        """A client's cancel names its own id (the label). Engines get the same Cancel and end a running request
+        there (Final(cancelled)); a request still being routed ends here once its strategy's next action fails."""
         try:
             cancel = codec.decode(msg.data, Cancel, msg.headers)
         except MalformedMessage:
@@ -408,27 +383,24 @@ class Router:
         self.cancelled[cancel.request_id] = None
         while len(self.cancelled) > 10_000:
             self.cancelled.popitem(last=False)
-        flight = self.in_flight.get(cancel.request_id)
-        if flight is not None:
-            # Engines drop the request on the same Cancel; the strategy's next action fails, and _fail then sends
-            # Final(cancelled) — unless the request had already started, when its engine sends it.
+        for flight in list(self.in_flight.values()):
+            if flight.req.label != cancel.request_id:
+                continue
             flight.cancelled = True
+            if flight.state in (State.ROUTING, State.RESUMING, State.ADMITTED):
+                self._spawn(release(self.view, flight.req, "cancelled"))
 
     # ------------------------------------------------------------------ status
 
     def status(self) -> RouterStatus:
         return RouterStatus(router_id=self.config.router_id, strategy=self.active.name, params=self.active.params,
                             in_flight=len(self.in_flight), completed=self.completed, failed=self.failed,
-                            interval_s=self.config.heartbeat_s)
+                            interval_s=self.config.heartbeat_s, resumed=self.resumed)
 
     async def _heartbeat(self) -> None:
-        host = socket.gethostname()
         while True:
             try:
-                st = self.status()
-                st.router_id = st.router_id or host
-                await self.bus.publish(self.bus.subjects.routers_status(), st, trace=False)
+                await self.bus.publish(self.bus.subjects.routers_status(), self.status(), trace=False)
             except Exception as exc:
                 log.debug("router heartbeat failed: %s", exc)
             await asyncio.sleep(self.config.heartbeat_s)
-

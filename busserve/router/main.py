@@ -52,9 +52,7 @@ async def serve(bus_config: BusConfig, config: RouterConfig, tokenizer_source: s
         tel.shutdown()
 
 
-def run_router_command(args: argparse.Namespace) -> int:
-    from busserve.cli import bus_config
-
+def run_router_command(args: argparse.Namespace, cfg: BusConfig) -> int:
     try:
         params = parse_param_args(getattr(args, "param", []) or [])
     except ValueError as exc:
@@ -63,13 +61,16 @@ def run_router_command(args: argparse.Namespace) -> int:
     config = RouterConfig(initial_strategy=args.strategy or "least_loaded", initial_params=params)
     if args.id:
         config.router_id = args.id
+    config.timeouts.lease_s = args.lease_s
+    config.supervision.progress_s = args.progress_s
+    config.supervision.resume_limit = args.resume_limit
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(bus_config(args), config, args.tokenizer, args.http_host, args.http_port, stop)
+        await serve(cfg, config, args.tokenizer, args.http_host, args.http_port, stop)
 
     try:
         asyncio.run(main())

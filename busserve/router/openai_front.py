@@ -41,7 +41,9 @@ from busserve.messages import (
 HTTP_STATUS = {
     "invalid_request": 400, "malformed": 400, "payload_too_large": 413, "prompt_too_long": 400, "conflict": 409,
     "unknown_model": 404, "unknown_request": 404, "no_engine": 503, "overloaded": 429, "timeout": 504,
+    "engine_failure": 503, "router_failure": 503, "stream_gap": 502, "lease_expired": 503, "transfer_failed": 503,
 }
+RETRY_AFTER_S = 1  # what a 429 or 503 tells a client to wait before trying again
 ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error",
               413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 STALE_S = 3.5  # a heartbeat older than this is a process gone
@@ -57,7 +59,8 @@ def error_response(code: str, message: str, param: str | None = None) -> JSONRes
     status = HTTP_STATUS.get(code, 500)
     body = {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param,
                       "code": "model_not_found" if code == "unknown_model" else code}}
-    return JSONResponse(body, status_code=status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 # ------------------------------------------------------------------ request translation

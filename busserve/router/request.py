@@ -1,10 +1,16 @@
 """A request as a strategy sees it: tokenized, with its sampling settings, its stream subject and a record of which
-engines it touched (so that the router can clean up after a failed or cancelled strategy)."""
+engines it touched (so that the router can clean up after a failed or cancelled strategy).
+
+Ids: ``label`` is the client's request id — what stream events carry and what a client's Cancel names. Engines know
+the request by ``request_id``, which the router assigns (unique, whatever clients send) and changes for every
+attempt: a resumption, or a fallback after a lost sender, is a new attempt, so that an engine that dropped an
+earlier one refuses nothing of the next.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from busserve.bus.codec import ContentType
 from busserve.messages import SamplingParams, StreamOptions
@@ -20,8 +26,15 @@ class Request:
     content_type: ContentType = "msgpack"
     model: str = ""
     arrival: float = field(default_factory=time.monotonic)
+    label: str = ""  # the client's id (defaults to request_id)
+    supervisor: str = ""  # the router that owns the request until an engine starts it, and resumes it after
+    output_offset: int = 0  # the last output_offset tokens of prompt_token_ids were streamed already (resumed)
+    base_id: str = ""  # request_id of the first attempt
+    attempt: int = 0
     # Filled in as the strategy runs.
     touched: set[str] = field(default_factory=set)  # engines that may hold state for this request
+    senders: set[str] = field(default_factory=set)  # engines asked to remote_send (stopped first on cleanup)
+    parked_on: set[str] = field(default_factory=set)  # engines holding a receive (leases renewed meanwhile)
     assigned: set[str] = field(default_factory=set)  # engines whose load this request counts toward
     prefill_charge: dict[str, int] = field(default_factory=dict)  # engine -> prompt tokens it still has to compute
     decoding_on: str | None = None
@@ -30,6 +43,28 @@ class Request:
     strategy: str = ""
     operation: str = "text_completion"  # "chat" when the client sent messages (GenAI conventions)
 
+    def __post_init__(self) -> None:
+        self.label = self.label or self.request_id
+        self.base_id = self.base_id or self.request_id
+
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
+
+    def renumber(self) -> None:
+        """Go on under a fresh engine-side id, in place, forgetting the engines touched so far (the caller has
+        aborted them): what a strategy does to start over after a lost sender."""
+        self.attempt += 1
+        self.request_id = f"{self.base_id}:{self.attempt}"
+        self.touched, self.senders, self.parked_on = set(), set(), set()
+        self.started_on = self.start_pending = None
+
+    def next_attempt(self, streamed: list[int] | None = None) -> Request:
+        """The same request under a fresh engine-side id, with no engine touched yet. ``streamed``: output tokens
+        the client has already seen; the new attempt computes them as prompt and streams on after them."""
+        n = self.attempt + 1
+        prompt = self.prompt_token_ids[: self.prompt_len - self.output_offset]
+        out = list(streamed) if streamed is not None else list(self.prompt_token_ids[len(prompt):])
+        return replace(self, request_id=f"{self.base_id}:{n}", attempt=n, prompt_token_ids=prompt + out,
+                       output_offset=len(out), touched=set(), senders=set(), parked_on=set(), assigned=set(),
+                       prefill_charge={}, decoding_on=None, started_on=None, start_pending=None)

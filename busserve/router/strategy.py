@@ -20,12 +20,11 @@ router aborts what the strategy started and the client gets an Error.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import asyncio
+import contextlib
 import inspect
-import sys
+import logging
 from collections.abc import Awaitable, Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from busserve.errors import BusserveError
@@ -33,10 +32,11 @@ from busserve.messages import ErrorCode, Role, StrategyParam
 from busserve.router.cluster import ClusterView, Engine, least_loaded
 from busserve.router.request import Request
 
-__all__ = ["BUILTINS", "Cluster", "NoEngine", "Request", "StrategyFn", "coerce_params", "load_strategy", "strategy"]
+__all__ = ["BUILTINS", "Cluster", "NoEngine", "Request", "StrategyFn", "coerce_params", "run_strategy", "strategy"]
 
 StrategyFn = Callable[..., Awaitable[None]]
 BUILTINS: dict[str, StrategyFn] = {}
+log = logging.getLogger(__name__)
 
 
 class NoEngine(BusserveError):
@@ -88,6 +88,33 @@ class Cluster:
             return None, 0
         cached, _, engine = max(scored, key=lambda t: (t[0], t[1], t[2].id))
         return (engine, cached) if cached else (None, 0)
+
+
+async def run_strategy(fn: StrategyFn, req: Request, cluster: Cluster, params: dict[str, StrategyParam]) -> None:
+    """Run a strategy on a request, renewing the leases of its parked receives until it returns (a strategy may
+    wait minutes for a queued remote prefill; the receive must not lapse meanwhile — and must lapse soon after a
+    router that dies stops renewing it)."""
+    keeper = asyncio.create_task(_keep_leases(req, cluster.view))
+    try:
+        await fn(req, cluster, **params)
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+
+
+async def _keep_leases(req: Request, view: ClusterView) -> None:
+    period = view.timeouts.lease_s / 3
+    while True:
+        await asyncio.sleep(period)
+        for eid in sorted(req.parked_on):
+            engine = view.get(eid)
+            if engine is None:
+                continue
+            try:
+                await engine.renew(req)
+            except BusserveError as exc:
+                log.debug("lease of %s on %s not renewed: %s", req.request_id, eid, exc)
 
 
 # ------------------------------------------------------------------ parameters
@@ -144,33 +171,3 @@ def parse_param_args(items: Iterable[str]) -> dict[str, StrategyParam]:
             raise ValueError(f"--param {item!r}: expected NAME=VALUE")
         out[key.strip()] = value.strip()
     return out
-
-
-# ------------------------------------------------------------------ loading
-
-
-def load_strategy(target: str) -> StrategyFn:
-    """A built-in name, ``package.module:function`` or ``path/to/file.py:function``."""
-    import busserve.router.strategies  # noqa: F401 - registers the built-ins
-
-    if target in BUILTINS:
-        return BUILTINS[target]
-    module_name, sep, attr = target.partition(":")
-    if not sep:
-        raise ValueError(f"unknown strategy {target!r}; built-ins: {', '.join(sorted(BUILTINS))}; "
-                         "or give MODULE:FUNCTION")
-    if module_name.endswith(".py") or "/" in module_name:
-        path = Path(module_name).resolve()
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        if spec is None or spec.loader is None:
-            raise ValueError(f"cannot load {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
-    fn = getattr(module, attr, None)
-    if fn is None or not inspect.iscoroutinefunction(fn):
-        raise ValueError(f"{target}: {attr!r} is not an async function in {module_name}")
-    parameters(fn)  # validates the signature
-    return fn  # type: ignore[no-any-return]

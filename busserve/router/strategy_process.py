@@ -23,7 +23,7 @@ from busserve.errors import BusserveError, MalformedMessage
 from busserve.messages import Ack, EngineStatus, Error, KVEventBatch, RoutedRequest, StrategyResult
 from busserve.router.cluster import ClusterView
 from busserve.router.request import Request
-from busserve.router.strategy import Cluster, StrategyFn, coerce_params
+from busserve.router.strategy import Cluster, StrategyFn, coerce_params, run_strategy
 from busserve.telemetry import attributes as A
 from busserve.telemetry import propagation
 from busserve.telemetry.setup import tracer
@@ -79,14 +79,14 @@ class StrategyProcess:
     async def _run(self, msg: Msg, routed: RoutedRequest, parent: Any) -> None:
         req = Request(request_id=routed.request_id, prompt_token_ids=list(routed.prompt_token_ids),
                       sampling=routed.sampling, stream_subject=routed.stream_subject, stream=routed.stream,
-                      model=routed.model, strategy=self.name)
+                      model=routed.model, strategy=self.name, label=routed.label, supervisor=routed.supervisor)
         error = None
         try:
             with tracer("busserve.strategy").start_as_current_span(
                 f"strategy {self.name}", context=parent, kind=SpanKind.SERVER,
                 attributes={A.REQUEST_ID: req.request_id, A.STRATEGY: self.name},
             ):
-                await self.fn(req, Cluster(self.view, req.model), **coerce_params(self.fn, routed.params))
+                await run_strategy(self.fn, req, Cluster(self.view, req.model), coerce_params(self.fn, routed.params))
         except BusserveError as exc:
             error = exc.to_error(req.request_id)
         except Exception as exc:
@@ -95,4 +95,5 @@ class StrategyProcess:
         finally:
             self.view.load.release(req)
         await self.bus.respond(msg, StrategyResult(request_id=req.request_id, started_on=req.started_on,
-                                                   touched=sorted(req.touched), error=error))
+                                                   touched=sorted(req.touched), error=error,
+                                                   senders=sorted(req.senders)))

@@ -64,7 +64,7 @@ class EngineTelemetry:
         m.create_observable_gauge("busserve.engine.prefix_cache_hit_rate", [make(lambda: cache.hit_rate)],
                                   unit="1", description="Prompt tokens found in the prefix cache / tokens looked up")
         core.on_finish = self.on_finish
-        core.on_prep_recv = self.on_prep_recv
+        core.protocol.on_prep_recv = self.on_prep_recv
 
     # ------------------------------------------------------------------ hooks (compute thread)
 

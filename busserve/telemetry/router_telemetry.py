@@ -42,6 +42,8 @@ class RouterTelemetry:
         self.requests = m.create_counter("busserve.requests", unit="{request}",
                                          description="Requests by outcome and strategy")
         self.tokens = m.create_counter(A.METRIC_TOKENS, unit="{token}", description="Prompt and output tokens")
+        self.resumes = m.create_counter("busserve.router.resumes", unit="{request}",
+                                        description="Requests resumed on another engine after theirs was lost")
 
         def strategy_gauge(options: CallbackOptions) -> Iterable[Observation]:
             yield Observation(1, {"busserve.strategy": active_strategy().name, "busserve.router.id": router_id})
@@ -78,6 +80,9 @@ class RouterTelemetry:
             self.itl.record(now - last)
         flight.last_token_at = now
 
+    def on_resume(self, flight: Any, lost: str) -> None:
+        self.resumes.add(1, {"busserve.strategy": flight.strategy, A.ENGINE_ID: lost})
+
     def on_finish(self, flight: Any, outcome: str, span: trace.Span | None = None) -> None:
         now = time.monotonic()
         event = flight.terminal_event
@@ -89,7 +94,7 @@ class RouterTelemetry:
             self.ttft.record(flight.first_token_at - flight.started, labels)
             if flight.tokens > 1:
                 self.tpot.record((now - flight.first_token_at) / (flight.tokens - 1), labels)
-        self.tokens.add(flight.req.prompt_len, {A.TOKEN_TYPE: "input"})
+        self.tokens.add(flight.req.prompt_len - flight.req.output_offset, {A.TOKEN_TYPE: "input"})
         self.tokens.add(flight.tokens, {A.TOKEN_TYPE: "output"})
         if span is not None and span.is_recording():
             span.set_attribute(A.USAGE_OUTPUT_TOKENS, flight.tokens)

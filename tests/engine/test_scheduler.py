@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from busserve.engine.scheduler import Batch, DuplicateRequest, Scheduler, SchedulerConfig
+from busserve.engine.scheduler import Batch, DuplicateRequest, NeverFits, Scheduler, SchedulerConfig
 from busserve.engine.sequence import SeqKind, SeqStatus, Sequence
 from busserve.kv.page_hash import prefix_page_hashes
 from busserve.kv.pool import OutOfPages, PageAllocator
@@ -73,13 +73,17 @@ def test_chunked_prefill_shares_the_budget_with_decode() -> None:
     assert b.num_computed == 13 and a.num_computed == 7
 
 
-def test_fcfs_head_blocks_when_it_cannot_fit() -> None:
-    s = create_scheduler(pages=4, budget=100)
-    big, small = create_seq("big", 40), create_seq("small", 4)
+def test_fcfs_head_blocks_while_it_cannot_fit_yet() -> None:
+    s = create_scheduler(pages=8, budget=100)
+    held = create_seq("held", 24, base=500)
+    s.park(held, end=23, lease_deadline=1e9)  # 6 of the 8 pages, until its lease or start_generate
+    big, small = create_seq("big", 16), create_seq("small", 4)
     s.add(big)
     s.add(small)
-    assert not s.schedule()  # big needs 10 pages, only 4 exist; small must not jump the queue
+    assert not s.schedule()  # big needs 4 pages, 2 are free; small must not jump the queue
     assert [q.request_id for q in s.waiting] == ["big", "small"]
+    s.finish(held)  # the reservation goes (its lease ended): both fit now, in arrival order
+    assert [q.request_id for q in s.schedule().seqs] == ["big", "small"]
     s.check_pages()
 
 
@@ -247,11 +251,51 @@ def test_parked_pages_are_not_cached_when_abandoned() -> None:
     s.check_pages()
 
 
+def test_a_request_larger_than_the_pool_is_refused_not_spun() -> None:
+    """A prompt the whole pool cannot hold would preempt itself at every step and never finish: refused at once."""
+    s = create_scheduler(pages=4)  # 16 tokens
+    with pytest.raises(NeverFits, match="holds 16"):
+        s.add(create_seq("big", 16))
+    with pytest.raises(NeverFits):
+        s.park(create_seq("big2", 20), end=10, lease_deadline=1e9)
+    assert not s.by_id and s.allocator.free_count == 4
+    s.add(create_seq("fits", 15, max_tokens=1))  # just fits: prompt and its first output token
+    run_to_completion(s)
+
+
+def test_a_sequence_alone_always_finishes_when_it_fits_the_pool() -> None:
+    """With the pool just big enough for one request, a running request completes; others wait, never spin."""
+    s = create_scheduler(pages=5, budget=64)  # 20 tokens
+    a, b = create_seq("a", 8, max_tokens=12), create_seq("b", 8, max_tokens=12, base=100)
+    s.add(a)
+    s.add(b)
+    batches = run_to_completion(s, max_steps=200)
+    assert a.num_output == 12 and b.num_output == 12
+    assert len(batches) < 100
+
+
+def test_queued_requests_holding_the_pool_do_not_wait_on_each_other() -> None:
+    """Two received requests (pages filled by a sender, started) hold the whole pool between them, queued, and each
+    needs one more page for the rest of its prompt: the youngest gives its pages back (they stay cached) and both
+    finish, instead of waiting on each other for ever."""
+    s = create_scheduler(pages=8, budget=64)
+    a, b = create_seq("a", 18, max_tokens=4), create_seq("b", 18, max_tokens=4, base=100)
+    for q in (a, b):
+        s.park(q, end=16, lease_deadline=1e9)  # 4 pages each: all 8; the last 2 prompt tokens need a 5th
+    s.start_parked("a", 16)
+    s.start_parked("b", 16)
+    assert s.allocator.free_count == 0
+    run_to_completion(s, max_steps=100)
+    assert a.num_output == 4 and b.num_output == 4
+    assert s.num_preemptions >= 1
+
+
 def test_park_fails_cleanly_when_full() -> None:
-    s = create_scheduler(pages=2)
+    s = create_scheduler(pages=4)
+    s.park(create_seq("held", 12, base=500), end=11, lease_deadline=1e9)  # 3 of the 4 pages
     with pytest.raises(OutOfPages):
-        s.park(create_seq("p", 40), end=39, lease_deadline=1e9)
-    assert s.allocator.free_count == 2 and not s.by_id
+        s.park(create_seq("p", 10), end=9, lease_deadline=1e9)
+    assert s.allocator.free_count == 1 and list(s.by_id) == [("held", SeqKind.GENERATE)]
 
 
 def test_duplicate_request_ids_are_refused() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -17,10 +18,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from busserve.bus import codec
 from busserve.bus.client import Bus
 from busserve.engine.model_loader import LoadedModel
 from busserve.errors import BusserveError, RemoteError
 from busserve.messages import (
+    EngineStatus,
     Error,
     Final,
     GenerateRequest,
@@ -209,13 +212,29 @@ async def test_bad_sub_requests_get_clear_errors_and_leak_nothing(tiny_pair: Pro
         r3 = await b.prep_recv(bus_req, end=30, transport="bus")
         await b.abort(bus_req)
         await _expect_error(a.remote_send(bus_req, r3.kv_addr, 0, 30), "transfer_failed")
-        # clean up the parked request and check both engines are clean and still serving
+        # clean up the parked request: with no word that its sender stopped, its shm pages wait in quarantine (a
+        # sender may still be writing) until the router says so, the sender process is gone, or the window ends
         assert (await b.abort(req)).found
+        await wait_quarantined(bus, "B", 2)
+        assert not (await b.abort(req, sender_stopped=True)).found  # nothing left to drop, and the pages come back
         await wait_idle_no_leaks(bus, {"A", "B"})
         for eid in ("A", "B"):
             assert len(await one_engine(bus, eid, prompt, max_tokens=3)) == 3
     finally:
         await bus.close()
+
+
+async def wait_quarantined(bus: Bus, engine_id: str, pages: int, timeout_s: float = 10.0) -> None:
+    sub = await bus.nc.subscribe(bus.subjects.engines_status())
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            st = codec.decode((await sub.next_msg(timeout=timeout_s)).data, EngineStatus)
+            if st.engine_id == engine_id and st.quarantined_pages == pages:
+                return
+        raise AssertionError(f"engine {engine_id} never reported {pages} quarantined pages")
+    finally:
+        await sub.unsubscribe()
 
 
 @pytest.mark.asyncio
@@ -269,7 +288,8 @@ async def test_smollm2_patterns_match_one_engine(smol_pair: ProcessCluster, smol
 
 @pytest.mark.asyncio
 async def test_sender_dies_mid_transfer(smol_pair: ProcessCluster, smol: LoadedModel) -> None:
-    """S is killed while prefilling for D: D's lease expires, its pages come back, the stream gets an Error."""
+    """S is killed while prefilling for D: D's lease expires, the stream gets an Error, and the pages S was writing
+    come back as soon as D sees S's process gone (they wait in quarantine until then)."""
     bus = await Bus.connect(smol_pair.bus_config(), name="t")
     try:
         view = await live_view(bus, {"S", "D"}, timeouts=Timeouts(lease_s=4.0, remote_send_s=6.0))
@@ -278,8 +298,9 @@ async def test_sender_dies_mid_transfer(smol_pair: ProcessCluster, smol: LoadedM
                       sampling=SamplingParams(max_tokens=4))
         async with bus.open_stream() as stream:
             req.stream_subject = stream.subject
-            recv = await view.get("D").prep_recv(req, end=len(prompt) - 1, transport="shm")
-            send = asyncio.create_task(view.get("S").remote_send(req, recv.kv_addr, recv.matched, len(prompt) - 1))
+            sender = view.get("S")
+            recv = await view.get("D").prep_recv(req, end=len(prompt) - 1, sender=sender, transport="shm")
+            send = asyncio.create_task(sender.remote_send(req, recv.kv_addr, recv.matched, len(prompt) - 1))
             await asyncio.sleep(1.0)
             assert not send.done(), "the transfer finished before the sender could be killed"
             smol_pair.kill("S")

@@ -74,7 +74,7 @@ def test_shm_writer_lands_exactly_the_range(begin: int, end: int, tmp_path) -> N
         dst.close()
 
 
-def test_writer_refuses_after_the_lease(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_writer_refuses_after_the_write_window(tmp_path) -> None:  # type: ignore[no-untyped-def]
     src = KVStorage(LAYOUT, shm_name="busserve-kv-S-lease")
     dst = KVStorage(LAYOUT, shm_name="busserve-kv-R-lease")
     try:
@@ -86,7 +86,7 @@ def test_writer_refuses_after_the_lease(tmp_path) -> None:  # type: ignore[no-un
             result: list[object] = []
             writer.finish(lambda err, n: (result.append(err), done.set()))
             assert done.wait(10)
-        assert isinstance(result[0], TransferError) and "lease" in str(result[0])
+        assert isinstance(result[0], TransferError) and "write window" in str(result[0])
     finally:
         src.close()
         dst.close()

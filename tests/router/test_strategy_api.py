@@ -10,9 +10,10 @@ import pytest
 from busserve.kv.page_hash import prefix_page_hashes
 from busserve.messages import EngineStatus, KVEventBatch, KVStored, SamplingParams
 from busserve.router.cluster import ClusterView
+from busserve.router.registry import BUILTINS, load_strategy
 from busserve.router.request import Request
 from busserve.router.strategies.adaptive import EngineLoad
-from busserve.router.strategy import BUILTINS, Cluster, NoEngine, coerce_params, load_strategy, parse_param_args
+from busserve.router.strategy import Cluster, NoEngine, coerce_params, parse_param_args
 
 HERE = Path(__file__).parent
 

@@ -7,8 +7,9 @@ reply. The receiver takes no part in a write — except on the ``bus`` transport
 part of the NIC.
 
 Writes run on the engine's single transfer thread, in order, so the compute thread goes on to the next layer
-while the previous one is copied or sent. A writer refuses to write once the receiver's lease is about to end,
-so a late sender never scribbles over pages the receiver has given back.
+while the previous one is copied or sent. A writer refuses to write once the reservation's write window is ending,
+so a late sender never scribbles over pages the receiver has given back (it keeps those of a dropped receive in
+quarantine until the window ends, or until it knows the sender stopped).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from busserve.kv.storage import KVStorage, dtype_name, page_spans
 from busserve.messages import KVAddress
 
-# Stop writing this long before the receiver's lease ends (clocks of one host, or NTP-synced hosts).
+# Stop writing this long before the reservation's write window ends (``KVAddress.expires_at``; clocks of one host,
+# or NTP-synced hosts): the receiver may reuse the pages of a dropped receive once the window is over.
 LEASE_SAFETY_MARGIN_S = 1.0
 
 DoneCallback = Callable[[Exception | None, int], None]
@@ -40,6 +42,21 @@ def check_compatible(addr: KVAddress, src: KVStorage) -> None:
             f"kv_addr of engine {addr.engine_id} has layout (layers, kv_heads, head_dim, dtype, page_size)={theirs},"
             f" this engine's pool is {ours}: not the same model"
         )
+    check_address(addr)
+
+
+def check_address(addr: KVAddress) -> None:
+    """The reservation is well-formed: page-aligned start, enough pages for ``[start, end)``, every page inside the
+    receiver's pool. A sender checks before writing a byte, so a bad ``kv_addr`` cannot write outside the pool."""
+    ps = addr.page_size
+    if ps <= 0 or addr.start < 0 or addr.end < addr.start or addr.start % ps:
+        raise TransferError(f"kv_addr range [{addr.start}, {addr.end}) with page size {ps} is not a reservation")
+    need = -(-(addr.end - addr.start) // ps)
+    if len(addr.pages) < need:
+        raise TransferError(f"kv_addr holds {len(addr.pages)} pages for [{addr.start}, {addr.end}), needs {need}")
+    bad = [p for p in addr.pages if not 0 <= p < addr.pool_pages]
+    if bad:
+        raise TransferError(f"kv_addr pages {bad[:4]} are outside the receiver's pool of {addr.pool_pages} pages")
 
 
 def check_range(addr: KVAddress, begin: int, end: int) -> None:
@@ -83,9 +100,13 @@ class KVWriter(ABC):
         self.layers_written: set[int] = set()
         self._failed: Exception | None = None
 
+    def abort(self, reason: str) -> None:
+        """Write nothing more (writes already queued become no-ops; ``finish`` reports the failure)."""
+        self._failed = TransferError(reason)
+
     def _check_lease(self) -> None:
         if self.addr.expires_at and time.time() > self.addr.expires_at - LEASE_SAFETY_MARGIN_S:
-            raise TransferError(f"the receiver's lease on {self.addr.request_id} has (nearly) expired")
+            raise TransferError(f"the write window of {self.addr.request_id} on engine {self.addr.engine_id} is over")
 
     def write(self, layer: int, src_pages: list[int], begin: int, end: int) -> None:
         """Queue the KV of positions ``[begin, end)`` of ``layer``, read from our pages ``src_pages`` (the
@@ -117,8 +138,14 @@ class KVWriter(ABC):
     def _commit(self) -> None:  # noqa: B027 - optional hook
         """After the last write (on the transfer thread): make sure everything has landed."""
 
+    def _writes_over(self, error: Exception | None) -> None:  # noqa: B027 - optional hook
+        """After the last write, whether it all went or not (on the transfer thread): this writer writes no more.
+        Transports whose writes the receiver cannot see (shm) tell it, so that it can reuse a dropped receive's
+        pages at once instead of keeping them in quarantine."""
+
     def finish(self, on_done: DoneCallback) -> None:
-        """Call ``on_done(error, bytes)`` on the transfer thread once every queued write has landed."""
+        """Call ``on_done(error, bytes)`` on the transfer thread once every queued write has landed (or, after
+        ``abort``, once the writes already queued have drained)."""
 
         def done() -> None:
             err = self._failed
@@ -129,7 +156,10 @@ class KVWriter(ABC):
                 except Exception as exc:
                     err = exc
                 self.busy_s += time.perf_counter() - t0
-            on_done(err, self.bytes_written)
+            try:
+                self._writes_over(err)
+            finally:
+                on_done(err, self.bytes_written)
 
         self._executor.submit(done)
 

@@ -1,14 +1,21 @@
 """``shm``: same host, CPU. The receiver's KV pool lives in /dev/shm; the sender maps it and copies straight into
-the reserved slots — a one-sided write with no receiver code on the path."""
+the reserved slots — a one-sided write with no receiver code on the path. When it is done writing (all of it, or
+aborted) the sender says so on the receiver's data subject (a KVCommit with ``transport`` shm, fire and forget): the
+receiver cannot see the writes, and a receive dropped meanwhile keeps its pages in quarantine until then."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from busserve.bus.client import Bus
 from busserve.kv.storage import DTYPES, SHM_DIR, KVLayout, KVStorage
 from busserve.kv.transfer.base import KVTransport, KVWriter, TransferError, block_copies, check_compatible, spans_to
-from busserve.messages import KVAddress
+from busserve.messages import KVAddress, KVCommit
+
+log = logging.getLogger(__name__)
 
 
 class ShmWriter(KVWriter):
@@ -28,15 +35,30 @@ class ShmWriter(KVWriter):
             dv[d : d + n, lo:hi] = sv[s : s + n, lo:hi]
         return 2 * (end - begin) * sk[0, 0].nbytes
 
+    def _writes_over(self, error: Exception | None) -> None:
+        bus, loop = self._transport.bus, self._transport.loop
+        if bus is None or loop is None:
+            return
+        msg = KVCommit(request_id=self.addr.request_id, chunks=0, nbytes=self.bytes_written, transport="shm")
+        fut = asyncio.run_coroutine_threadsafe(bus.publish(bus.subjects.kv_data(self.addr.engine_id), msg), loop)
+        try:
+            fut.result(timeout=5)
+        except Exception as exc:  # the receiver then waits out the write window: slower, still safe
+            log.debug("could not tell %s that writes for %s are over: %s", self.addr.engine_id,
+                      self.addr.request_id, exc)
+
 
 class ShmTransport(KVTransport):
     name = "shm"
 
-    def __init__(self, local: KVStorage, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, local: KVStorage, executor: ThreadPoolExecutor, bus: Bus | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         if local.shm_name is None:
             raise ValueError("the shm transport needs a KV pool in shared memory")
         self.local = local
         self._executor = executor
+        self.bus = bus  # to tell receivers when writes are over (optional: tests map pools without a bus)
+        self.loop = loop
         self._mapped: dict[str, KVStorage] = {}
         self._lock = threading.Lock()
 
@@ -67,7 +89,3 @@ class ShmTransport(KVTransport):
                                 "bus transport between hosts")
         return ShmWriter(addr, src, self, self._executor)
 
-    def forget(self, handle: str) -> None:
-        """Drop a mapping (the receiver went away)."""
-        with self._lock:
-            self._mapped.pop(handle, None)

@@ -11,12 +11,14 @@ import argparse
 import asyncio
 import sys
 import time
+from typing import Any
 
 import msgspec
 import nats.errors
 
 from busserve.bus import codec
 from busserve.bus.client import Bus
+from busserve.cli.options import add_bus_args, bus_config
 from busserve.errors import BusserveError, NoResponders
 from busserve.messages import ChatMessage, EngineStatus, Error, Final, GenerateRequest, SamplingParams, TokenChunk
 
@@ -49,9 +51,26 @@ def build_request(args: argparse.Namespace) -> GenerateRequest:
     return GenerateRequest(messages=messages, model=args.model, sampling=sampling)
 
 
-async def _generate(args: argparse.Namespace) -> int:
-    from busserve.cli import bus_config
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("generate", help="stream a completion through the router")
+    add_bus_args(p)
+    p.add_argument("prompt", help="the user's message (chat template applied unless --raw)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as plain text, no chat template")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--model", default="")
+    p.add_argument("--engine", default=None, help="send straight to this engine id, bypassing the router")
+    p.add_argument("--json", action="store_true", help="print every event as JSON")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the first token")
+    p.set_defaults(func=run)
 
+
+async def _generate(args: argparse.Namespace) -> int:
     cfg = bus_config(args)
     cfg.max_reconnect_attempts = 0
     try:
@@ -102,7 +121,7 @@ async def _stream(bus: Bus, req: GenerateRequest, subject: str | None, args: arg
     return 0
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_generate(args))
     except ConnectionError as exc:

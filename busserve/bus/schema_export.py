@@ -40,14 +40,17 @@ def channels(subjects: Subjects | None = None) -> list[Channel]:
     eid = "{engineId}"
     return [
         Channel("generate", s.generate(), (m.GenerateRequest,),
-                "Client requests; routers take them in a queue group. The NATS reply-to is the stream subject.",
-                "receive"),
-        Channel("stream", s.stream("{requestId}"), (m.TokenChunk, m.Final, m.Error),
-                "A request's token stream: TokenChunk events, then exactly one Final or Error. Any subject may be "
-                "used (the generate request's reply-to); this is the default.", "send"),
+                "Client requests; routers take them in a queue group. The NATS reply-to is the stream subject, and "
+                "the reply is the stream: StreamStatus and TokenChunk events, then exactly one Final or Error.",
+                "receive", reply=(m.StreamStatus, m.TokenChunk, m.Final, m.Error)),
+        Channel("stream", s.stream("{requestId}"), (m.StreamStatus, m.TokenChunk, m.Final, m.Error),
+                "A request's token stream: StreamStatus events (who holds the request), TokenChunk events (check "
+                "index: a gap means a lost event), then exactly one Final or Error. Any subject may be used (the "
+                "generate request's reply-to); this is the default.", "send"),
         Channel("cancel", s.cancel(), (m.Cancel,), "Cancel a request; routers and engines listen.", "receive"),
-        Channel("strategy", s.strategy("{strategyName}"), (m.GenerateRequest,),
-                "Requests forwarded by a router to a strategy running as its own process (queue group).", "send"),
+        Channel("strategy", s.strategy("{strategyName}"), (m.RoutedRequest, m.Ack),
+                "Requests forwarded by a router to a strategy running as its own process (queue group); an Ack "
+                "is a ping, answered at once.", "send", reply=(m.StrategyResult, m.Ack, m.Error)),
         Channel("controlStrategy", s.control_strategy(), (m.SetStrategy,),
                 "Switch the active strategy while serving; a router replies with the stored state.", "receive",
                 reply=(m.StrategyState, m.Error)),
@@ -64,6 +67,12 @@ def channels(subjects: Subjects | None = None) -> list[Channel]:
                 reply=(m.StartGenerateReply, m.Error)),
         Channel("engineAbort", s.engine_action(eid, "abort"), (m.Abort,),
                 "Drop a request on this engine and give its pages back.", "receive", reply=(m.AbortReply, m.Error)),
+        Channel("engineRenew", s.engine_action(eid, "renew"), (m.Renew,),
+                "Extend the lease of a parked request while its strategy still works on it.", "receive",
+                reply=(m.RenewReply, m.Error)),
+        Channel("engineProbe", s.engine_action(eid, "probe"), (m.Probe,),
+                "What the engine knows of a request: queued, running, parked, sending, ended or dropped.",
+                "receive", reply=(m.ProbeReply, m.Error)),
         Channel("engineSetRoles", s.engine_action(eid, "set_roles"), (m.SetRoles,),
                 "Change the engine's roles (prefill, decode) while serving.", "receive",
                 reply=(m.RolesState, m.Error)),

@@ -1,4 +1,6 @@
-"""``busserve strategy set|show|serve|roles``: live control of routing, and strategies as processes."""
+"""``busserve strategy set|show|serve|roles``: live control of routing, and strategies as processes.
+
+``set_strategy`` (also used by ``busserve bench``) lives in ``busserve.router.control``."""
 
 from __future__ import annotations
 
@@ -6,31 +8,37 @@ import argparse
 import asyncio
 import signal
 import sys
+from typing import Any
 
 from busserve.bus.client import Bus
+from busserve.cli.options import add_bus_args, bus_config
 from busserve.config_store import ConfigStore, ConfigUnavailable
 from busserve.errors import BusserveError, NoResponders
-from busserve.messages import Role, RolesState, SetRoles, SetStrategy, StrategyState
-from busserve.router.strategy import coerce_params, load_strategy, parse_param_args
+from busserve.messages import Role, RolesState, SetRoles
+from busserve.router.control import set_strategy
+from busserve.router.registry import load_strategy
+from busserve.router.strategy import parse_param_args
 
 
-async def set_strategy(bus: Bus, name: str, params: dict) -> StrategyState:  # type: ignore[type-arg]
-    """Ask a router to switch (it validates and stores it for every router); with no router up, validate a
-    built-in here and store it, so routers started later use it."""
-    try:
-        return await bus.request(bus.subjects.control_strategy(), SetStrategy(name=name, params=params),
-                                 StrategyState, timeout_s=10)
-    except NoResponders:
-        fn = load_strategy(name)  # only a built-in can be checked without a router (ValueError otherwise)
-        state = StrategyState(name=name, params=coerce_params(fn, params), updated_by="cli")
-        store = await ConfigStore.open(bus)
-        state.revision = await store.put_strategy(state)
-        return state
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("strategy", help="show, switch or serve routing strategies")
+    ss = p.add_subparsers(dest="strategy_command", required=True)
+    s1 = ss.add_parser("set", help="switch the active strategy for new requests")
+    s1.add_argument("name")
+    s1.add_argument("--param", action="append", default=[], metavar="K=V")
+    s2 = ss.add_parser("show", help="print the active strategy")
+    s3 = ss.add_parser("serve", help="run a strategy function as its own process")
+    s3.add_argument("target", metavar="MODULE:FUNCTION")
+    s3.add_argument("--name", required=True, help="strategy name to serve under")
+    s4 = ss.add_parser("roles", help="change an engine's roles while serving")
+    s4.add_argument("engine_id")
+    s4.add_argument("roles", help="comma-separated: prefill,decode")
+    for sp in (s1, s2, s3, s4):
+        add_bus_args(sp)
+    p.set_defaults(func=run)
 
 
 async def _main(args: argparse.Namespace) -> int:
-    from busserve.cli import bus_config
-
     cfg = bus_config(args)
     cfg.max_reconnect_attempts = 0
     if args.strategy_command == "serve":
@@ -90,7 +98,7 @@ async def _serve(args: argparse.Namespace, cfg) -> int:  # type: ignore[no-untyp
     return 0
 
 
-def run_strategy_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_main(args))
     except ConnectionError as exc:

@@ -8,11 +8,13 @@ import asyncio
 import contextlib
 import sys
 import time
+from typing import Any
 
 from nats.aio.msg import Msg
 
 from busserve.bus import codec
 from busserve.bus.client import Bus
+from busserve.cli.options import add_bus_args, bus_config
 from busserve.config_store import ConfigStore, ConfigUnavailable
 from busserve.errors import MalformedMessage
 from busserve.messages import EngineStatus, RouterStatus, StrategyState
@@ -64,9 +66,15 @@ class Snapshot:
         return "\n".join(lines)
 
 
-async def _main(args: argparse.Namespace) -> int:
-    from busserve.cli import bus_config
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("status", help="live view of engines, routers and the active strategy")
+    add_bus_args(p)
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.set_defaults(func=run)
 
+
+async def _main(args: argparse.Namespace) -> int:
     cfg = bus_config(args)
     cfg.max_reconnect_attempts = 0
     bus = await Bus.connect(cfg, name="busserve-status")
@@ -90,7 +98,7 @@ async def _main(args: argparse.Namespace) -> int:
         await bus.close()
 
 
-def run_status(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_main(args))
     except KeyboardInterrupt:

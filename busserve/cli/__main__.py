@@ -1,0 +1,7 @@
+"""``python -m busserve.cli``."""
+
+import sys
+
+from busserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,31 @@
+"""``busserve up``: embedded NATS + engines + router + HTTP front, supervised, in one command."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from busserve.cli.options import add_bus_args, add_engine_args, bus_config
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("up", help="embedded NATS + engines + router + HTTP front, in one command")
+    add_bus_args(p)
+    add_engine_args(p)
+    p.add_argument("--engines", type=int, default=2, help="number of engine processes (default 2)")
+    p.add_argument("--strategy", default="least_loaded", help="initial strategy (default least_loaded)")
+    p.add_argument("--param", action="append", default=[], metavar="K=V", help="strategy parameter")
+    p.add_argument("--http-host", default="127.0.0.1")
+    p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible front (0: off)")
+    p.add_argument("--nats-port", type=int, default=None, help="port of the embedded server (default: free)")
+    p.add_argument("--roles", action="append", default=[], metavar="ROLES",
+                   help="roles per engine in order, e.g. --roles prefill --roles decode (default both)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from busserve.launch.stack import launch_cluster
+
+    cfg = bus_config(args)
+    # Only --nats (or BUSSERVE_NATS_URL) names an outside server; the state file of another `up` does not.
+    return launch_cluster(args, cfg)

@@ -1,0 +1,1 @@
+"""Starting busserve processes: the supervised one-command stack (``busserve up``) and waiting for them to serve."""

@@ -1,0 +1,224 @@
+"""``busserve up``: the whole stack in one command, as supervised child processes of this one.
+
+1. the embedded nats-server (unless ``--nats`` names one);
+2. ``--engines`` engine processes, each pinned to its share of the CPU cores (torch threads to match);
+3. one router process serving the OpenAI-compatible HTTP front.
+
+It waits until every engine heartbeats, records the bus URL in the state file (so ``busserve generate`` finds it),
+then supervises: a child that exits is started again after a backoff (1 s, doubling to 30 s; reset once it has run
+for a minute) while the others keep serving — the router resumes the requests of a lost engine elsewhere. Only
+Ctrl-C / SIGTERM stops the stack: engines first (each drops what it holds for the routers and says so), then the
+router, then the server. Credentials reach the children through their environment, never their command line (which
+every user of the machine can read). Children also die with this process (parent-death signal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from busserve.bus.config import BusConfig, clear_up_state, write_up_state
+from busserve.bus.embedded import EmbeddedNats, _die_with_parent, free_port
+from busserve.launch.readiness import wait_for_engines
+from busserve.launch.signals import StopFlag
+
+ENGINE_READY_TIMEOUT_S = 600.0  # a first start converts the default model (~20 s here); a big model takes longer
+BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+STABLE_AFTER_S = 60.0  # a child that ran this long starts its backoff over
+STOP_GRACE_S = 20.0
+
+
+def core_shares(n_engines: int, cores: list[int]) -> list[list[int]]:
+    """Split the cores among engines as evenly as possible (engines share cores when there are fewer)."""
+    if n_engines <= len(cores):
+        per = len(cores) // n_engines
+        return [cores[i * per : (i + 1) * per] for i in range(n_engines)]
+    return [[cores[i % len(cores)]] for i in range(n_engines)]
+
+
+def _preexec(cpus: list[int] | None) -> Callable[[], None]:
+    def run() -> None:
+        _die_with_parent()
+        if cpus:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, cpus)
+
+    return run
+
+
+def child_env(config: BusConfig, url: str) -> dict[str, str]:
+    """The children's environment: the bus URL and any credentials as BUSSERVE_NATS_* variables."""
+    env = dict(os.environ)
+    env["BUSSERVE_NATS_URL"] = url
+    for var, value in (("BUSSERVE_NATS_USER", config.user), ("BUSSERVE_NATS_PASSWORD", config.password),
+                       ("BUSSERVE_NATS_TOKEN", config.token), ("BUSSERVE_NATS_CREDS", config.creds_file),
+                       ("BUSSERVE_NATS_NKEY", config.nkeys_seed_file), ("BUSSERVE_NATS_TLS_CA", config.tls_ca),
+                       ("BUSSERVE_NATS_TLS_CERT", config.tls_cert), ("BUSSERVE_NATS_TLS_KEY", config.tls_key),
+                       ("BUSSERVE_SUBJECT_PREFIX", config.subject_prefix)):
+        if value:
+            env[var] = str(value)
+    return env
+
+
+def engine_command(args: argparse.Namespace, engine_id: str, threads: int, roles: str) -> list[str]:
+    cmd = [sys.executable, "-m", "busserve.cli", "--log-level", args.log_level, "engine", "--id", engine_id,
+           "--threads", str(threads), "--roles", roles, "--metrics-port", str(free_port()), "--dtype", args.dtype,
+           "--page-size", str(args.page_size), "--kv-memory", args.kv_memory, "--max-running",
+           str(args.max_running), "--max-queued", str(args.max_queued), "--device", args.device,
+           "--attention", args.attention, "--linear", args.linear]
+    for flag, value in (("--model", args.model), ("--kv-pages", args.kv_pages),
+                        ("--max-batch-tokens", args.max_batch_tokens),
+                        ("--max-prefill-tokens", args.max_prefill_tokens), ("--max-model-len", args.max_model_len)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    for t in args.transport or []:
+        cmd += ["--transport", t]
+    return cmd
+
+
+def router_command(args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, "-m", "busserve.cli", "--log-level", args.log_level, "router", "--id", "router-0",
+           "--strategy", args.strategy, "--http-host", args.http_host, "--http-port", str(args.http_port)]
+    for p in args.param:
+        cmd += ["--param", p]
+    if args.model:
+        cmd += ["--tokenizer", args.model]
+    return cmd
+
+
+@dataclass
+class Child:
+    """One supervised process: how to start it, and its restart history."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    cpus: list[int] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    failures: int = 0  # consecutive short-lived runs (sets the backoff)
+    next_start: float = 0.0
+    exits: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_preexec(self.cpus), start_new_session=True)
+        self.started_at = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def reap(self) -> int | None:
+        """The exit code if it has just exited (and schedule its restart), else None."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        rc = self.proc.returncode
+        self.proc = None
+        self.exits.append(rc)
+        ran = time.monotonic() - self.started_at
+        self.failures = 0 if ran >= STABLE_AFTER_S else self.failures + 1
+        self.next_start = time.monotonic() + BACKOFF_S[min(max(self.failures - 1, 0), len(BACKOFF_S) - 1)]
+        return rc
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+
+def supervise(children: list[Child], stop: StopFlag, poll_s: float = 0.5) -> None:
+    """Restart children that exit, with backoff, until ``stop`` is set."""
+    while not stop.wait(poll_s):
+        now = time.monotonic()
+        for c in children:
+            rc = c.reap()
+            if rc is not None:
+                delay = c.next_start - now
+                print(f"{c.name} exited with {rc}; restarting in {delay:.0f}s (the others keep serving)", flush=True)
+            if c.proc is None and now >= c.next_start and not stop.is_set():
+                c.start()
+                c.restarts += 1
+                assert c.proc is not None
+                print(f"{c.name} restarted (pid {c.proc.pid}, restart {c.restarts})", flush=True)
+
+
+def stop_children(children: list[Child]) -> None:
+    """Engines first (they hand their requests back to the router), then everything else."""
+    engines = [c for c in children if c.name != "router"]
+    for group in (engines, [c for c in children if c.name == "router"]):
+        for c in group:
+            c.stop()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for c in group:
+            if c.proc is None:
+                continue
+            try:
+                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+
+
+def launch_cluster(args: argparse.Namespace, config: BusConfig) -> int:
+    stop = StopFlag()
+    server: EmbeddedNats | None = None
+    if config.servers:
+        url = config.servers[0]
+    else:
+        server = EmbeddedNats(port=args.nats_port).start()
+        url = server.url
+        config.servers = [url]
+    print(f"bus: {url}" + (" (embedded nats-server, JetStream on)" if server else ""), flush=True)
+    env = child_env(config, url)
+    children: list[Child] = []
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+        shares = core_shares(args.engines, cores)
+        roles = args.roles or []
+        for i in range(args.engines):
+            eid = f"e{i}"
+            role = roles[i] if i < len(roles) else "prefill,decode"
+            child = Child(eid, engine_command(args, eid, len(shares[i]), role), env, shares[i])
+            child.start()
+            children.append(child)
+            assert child.proc is not None
+            print(f"engine {eid}: pid {child.proc.pid}, cores {shares[i]}, roles {role}", flush=True)
+        router = Child("router", router_command(args), env)
+        router.start()
+        children.append(router)
+        statuses = asyncio.run(wait_for_engines(
+            config, {c.name for c in children if c.name != "router"}, ENGINE_READY_TIMEOUT_S,
+            alive=lambda: all(c.running for c in children), routers=1,
+        ))
+        model = next(iter(statuses.values())).model
+        http = f"http://{args.http_host}:{args.http_port}/v1" if args.http_port else ""
+        write_up_state({"pid": os.getpid(), "nats_url": url, "http_url": http, "model": model,
+                        "started_at": time.time()})
+        print(f"ready: {len(statuses)} engine(s) serving {model}" + (f"; OpenAI API at {http}" if http else ""),
+              flush=True)
+        scrape = [st.metrics_url for st in statuses.values() if st.metrics_url]
+        if http:
+            scrape.insert(0, http.removesuffix("/v1") + "/metrics")
+        if scrape:
+            print(f"metrics: {' '.join(scrape)}", flush=True)
+        print('try:  busserve generate "What is the capital of France?"   (Ctrl-C stops everything)', flush=True)
+        supervise(children, stop)
+        return 0
+    except (TimeoutError, RuntimeError, ConnectionError) as exc:
+        print(f"busserve up: {exc}", flush=True)
+        return 1
+    finally:
+        stop_children(children)
+        clear_up_state(os.getpid())
+        if server is not None:
+            server.stop()
+        print("stopped", flush=True)
