@@ -1,5 +1,6 @@
 """``busserve up`` for real — embedded NATS, two SmolLM2 engines, the router and the HTTP front — driven by the
-official ``openai`` client and by ``busserve generate``, then stopped with Ctrl-C (SIGINT)."""
+official ``openai`` client and by ``busserve generate``; an engine killed under 16 streams (every stream completes,
+the engine comes back); then stopped with Ctrl-C (SIGINT)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from busserve.bus.embedded import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
+Up = tuple[str, dict[str, str], Path]  # the API's URL, the environment that finds the stack, its log
 
 
 @pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     state = tmp_path_factory.mktemp("up-state")
     port = free_port()
     env = {**os.environ, "BUSSERVE_STATE_DIR": str(state), "BUSSERVE_MODEL_CACHE": os.environ.get(
@@ -35,7 +37,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str
         assert proc.poll() is None, (state / "up.log").read_text()
         assert time.monotonic() < deadline, (state / "up.log").read_text()
         time.sleep(0.3)
-    yield f"http://127.0.0.1:{port}/v1", env
+    yield f"http://127.0.0.1:{port}/v1", env, state / "up.log"
     proc.send_signal(signal.SIGINT)  # what Ctrl-C does
     try:
         rc = proc.wait(timeout=60)
@@ -49,24 +51,24 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str
     assert not (state / "up.json").exists()
 
 
-def _client(up: tuple[str, dict[str, str]]) -> openai.OpenAI:
+def _client(up: Up) -> openai.OpenAI:
     return openai.OpenAI(base_url=up[0], api_key="not-needed", max_retries=0, timeout=120)
 
 
 @pytest.fixture
-def client(up: tuple[str, dict[str, str]]) -> Iterator[openai.OpenAI]:
+def client(up: Up) -> Iterator[openai.OpenAI]:
     with _client(up) as c:
         yield c
 
 
-def test_chat_completion(up: tuple[str, dict[str, str]], client: openai.OpenAI) -> None:
+def test_chat_completion(up: Up, client: openai.OpenAI) -> None:
     out = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=30,
                                          messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert "Paris" in (out.choices[0].message.content or "")
     assert out.choices[0].finish_reason == "stop" and out.usage is not None and out.usage.completion_tokens > 0
 
 
-def test_chat_completion_streaming_with_usage(up: tuple[str, dict[str, str]], client: openai.OpenAI) -> None:
+def test_chat_completion_streaming_with_usage(up: Up, client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=30, stream=True,
                                             stream_options={"include_usage": True},
                                             messages=[{"role": "user", "content": "What is the capital of France?"}])
@@ -77,7 +79,7 @@ def test_chat_completion_streaming_with_usage(up: tuple[str, dict[str, str]], cl
     assert any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks)
 
 
-def test_completions_streaming_and_not(up: tuple[str, dict[str, str]], client: openai.OpenAI) -> None:
+def test_completions_streaming_and_not(up: Up, client: openai.OpenAI) -> None:
     whole = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
                                       max_tokens=8, temperature=0)
     streamed = "".join(c.choices[0].text for c in client.completions.create(
@@ -87,7 +89,7 @@ def test_completions_streaming_and_not(up: tuple[str, dict[str, str]], client: o
     assert whole.choices[0].finish_reason == "length"
 
 
-def test_models_and_health(up: tuple[str, dict[str, str]], client: openai.OpenAI) -> None:
+def test_models_and_health(up: Up, client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
     import json
     import urllib.request
@@ -97,7 +99,7 @@ def test_models_and_health(up: tuple[str, dict[str, str]], client: openai.OpenAI
     assert health["status"] == "ok" and health["engines"] == 2 and health["strategy"] == "pd"
 
 
-def test_openai_shaped_errors(up: tuple[str, dict[str, str]], client: openai.OpenAI) -> None:
+def test_openai_shaped_errors(up: Up, client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=5.0,
                                        messages=[{"role": "user", "content": "hi"}])
@@ -109,8 +111,50 @@ def test_openai_shaped_errors(up: tuple[str, dict[str, str]], client: openai.Ope
     assert "context" in str(long.value)
 
 
-def test_busserve_generate_finds_the_cluster(up: tuple[str, dict[str, str]]) -> None:
+def test_busserve_generate_finds_the_cluster(up: Up) -> None:
     out = subprocess.run([sys.executable, "-m", "busserve.cli", "generate", "What is the capital of France?"],
                          capture_output=True, text=True, timeout=120, env=up[1], cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+def test_a_killed_engine_costs_no_stream_and_comes_back(up: Up) -> None:
+    """16 streaming completions of 160 tokens; one engine SIGKILLed mid-way: all 16 finish whole (the router
+    resumes the lost ones on the other engine), and `busserve up` starts the dead engine again."""
+    import re
+    import threading
+
+    log = up[2]
+    pids = dict(re.findall(r"engine (e\d): pid (\d+)", log.read_text()))
+    results: list[tuple[str, str | None, int]] = [("", None, 0)] * 16
+
+    def one(i: int) -> None:
+        with _client(up) as c:
+            text, finish, chunks = "", None, 0
+            for chunk in c.completions.create(model="SmolLM2-135M-Instruct", prompt=f"Story {i}: once upon a time",
+                                              max_tokens=160, temperature=0, stream=True,
+                                              extra_body={"ignore_eos": True}):
+                if chunk.choices:
+                    text += chunk.choices[0].text
+                    finish = chunk.choices[0].finish_reason or finish
+                    chunks += 1
+            results[i] = (text, finish, chunks)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(4.0)
+    os.kill(int(pids["e1"]), signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=300)
+    assert all(finish == "length" for _, finish, _ in results), results
+    text = log.read_text(errors="replace")
+    assert "resumed on e0" in text, "no stream was on the killed engine: the test proved nothing"
+    deadline = time.monotonic() + 120
+    while "e1 restarted" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    with _client(up) as c:  # and the stack serves on
+        out = c.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=8,
+                                   temperature=0)
+        assert "Paris" in out.choices[0].text

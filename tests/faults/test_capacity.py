@@ -15,9 +15,8 @@ import pytest
 from busserve.bus.client import Bus
 from busserve.engine.model_loader import LoadedModel
 from busserve.messages import Error, Final, GenerateRequest, SamplingParams, SetStrategy, StrategyState
-from busserve.testing import ProcessCluster
+from busserve.testing import ProcessCluster, Wire
 from tests.faults.conftest import prompt, wait_router
-from tests.faults.harness import Wire
 from tests.helpers import live_view, wait_idle_no_leaks
 
 pytestmark = pytest.mark.slow

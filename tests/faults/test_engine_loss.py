@@ -14,9 +14,9 @@ import pytest
 from busserve.bus.client import Bus
 from busserve.engine.model_loader import LoadedModel
 from busserve.messages import Final, StreamStatus
-from busserve.testing import ProcessCluster
+from busserve.testing import ProcessCluster, Stream, Wire
 from tests.faults.conftest import TINY_ENGINE, prompt, wait_router
-from tests.faults.harness import Stream, Wire, engine_pid, reference, shm_segments_of
+from tests.faults.harness import engine_pid, reference, shm_segments_of
 from tests.helpers import assert_greedy_equal, live_view, wait_idle_no_leaks
 
 pytestmark = pytest.mark.slow

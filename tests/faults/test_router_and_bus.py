@@ -16,9 +16,9 @@ from busserve.bus.embedded import EmbeddedNats
 from busserve.engine.model_loader import LoadedModel
 from busserve.errors import BusserveError
 from busserve.messages import Error, Final, GenerateRequest, SamplingParams, StreamEvent, TokenChunk
-from busserve.testing import ProcessCluster
+from busserve.testing import ProcessCluster, Wire
 from tests.faults.conftest import TINY_ENGINE, prompt, wait_router
-from tests.faults.harness import Wire, reference
+from tests.faults.harness import reference
 from tests.helpers import assert_greedy_equal, live_view, wait_idle_no_leaks
 
 pytestmark = pytest.mark.slow

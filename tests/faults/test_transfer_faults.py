@@ -15,9 +15,9 @@ import pytest
 from busserve.bus.client import Bus
 from busserve.engine.model_loader import LoadedModel
 from busserve.messages import Cancel, Final, SetStrategy, StrategyState
-from busserve.testing import ProcessCluster
+from busserve.testing import ProcessCluster, Wire
 from tests.faults.conftest import prompt, wait_router
-from tests.faults.harness import Wire, reference
+from tests.faults.harness import reference
 from tests.helpers import assert_greedy_equal, live_view, wait_idle_no_leaks
 
 pytestmark = pytest.mark.slow
