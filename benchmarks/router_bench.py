@@ -29,7 +29,7 @@ from busserve.messages import Abort, AbortReply, GenerateRequest, SamplingParams
 from busserve.testing import ProcessCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.helpers import live_view
+from busserve.testing import live_view
 
 
 def pct(xs: list[float], p: float) -> float:

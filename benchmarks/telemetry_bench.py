@@ -32,7 +32,7 @@ from busserve.testing import ProcessCluster
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.helpers import live_view  # noqa: E402
+from busserve.testing import live_view  # noqa: E402
 
 
 async def workload(bus: Bus, seed: int) -> float:

@@ -36,7 +36,7 @@ from busserve.router.request import Request
 from busserve.testing import ProcessCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.helpers import live_view
+from busserve.testing import live_view
 
 
 def memcpy_gb_s(nbytes: int) -> float:

@@ -239,8 +239,13 @@ class PrepRecv(_Msg, tag="prep_recv"):
     write_window_s: Annotated[float, Meta(gt=0.0, le=86400.0)] = 900.0
     sender_pid: Annotated[int, Meta(ge=0)] = 0  # shm: the sender's process; once it is gone its writes are over
     supervisor: Annotated[str, Meta(max_length=128)] = ""  # the router that owns the request until it starts
+    # A running request moving here (live migration): ``end`` may exceed the tokens given — it reserves room for
+    # the tokens the source decodes while its KV is copied; start_generate brings them (``extend``).
+    migration: bool = False
 
     def __post_init__(self) -> None:
+        if self.end > len(self.prompt_token_ids) and not self.migration:
+            raise InvalidField("end", f"end {self.end} is beyond the prompt ({len(self.prompt_token_ids)} tokens)")
         if self.output_offset >= len(self.prompt_token_ids):
             raise InvalidField("output_offset", f"output_offset ({self.output_offset}) must leave at least one "
                                                 f"prompt token ({len(self.prompt_token_ids)} given)")
@@ -287,6 +292,9 @@ class StartGenerate(_Msg, tag="start_generate"):
     # At most this many of the request's prompt tokens per step while other requests decode on the engine (each
     # step stalls them for its whole prefill chunk); 0: the engine's own token budget.
     prefill_chunk: Annotated[int, Meta(ge=0)] = 0
+    # Live migration: the tokens the source streamed after prep_recv (they follow prep_recv's tokens); ``begin``
+    # then says how many positions of KV landed (at most prep_recv's ``end``).
+    extend: Annotated[list[TokenId], Meta(max_length=MAX_PROMPT_TOKENS)] = field(default_factory=list)
 
 
 class StartGenerateReply(_Msg, tag="start_generate_reply"):
@@ -310,6 +318,42 @@ class AbortReply(_Msg, tag="abort_reply"):
     found: bool
     notified: bool  # this abort made the engine publish the request's terminal event
     terminated: bool = False  # the engine had already published the request's terminal event before
+
+
+class Migrate(_Msg, tag="migrate"):
+    """Live migration, on the source engine of a running request.
+
+    ``start``: copy the request's KV into ``kv_addr`` (the target's reservation) in rounds while it keeps
+    decoding — each round the positions computed since the last — then, once at most ``final_tokens`` are left (or
+    after ``max_rounds``), stop it (no event on its stream), copy the rest and reply with its tokens. The request
+    stays here, stopped, until ``release`` (it runs on the target now: drop it) or ``resume`` (the target failed:
+    decode on here)."""
+
+    request_id: RequestId
+    phase: Literal["start", "release", "resume"] = "start"
+    kv_addr: KVAddress | None = None
+    final_tokens: Annotated[int, Meta(ge=1, le=4096)] = 16
+    max_rounds: Annotated[int, Meta(ge=1, le=64)] = 8
+
+
+class MigrateReply(_Msg, tag="migrate_reply"):
+    """The request is stopped on the source: its tokens (prompt and output) and how many positions of KV landed."""
+
+    request_id: str
+    token_ids: list[int]
+    end: int
+    num_output: int  # output tokens streamed, resumed ones included
+    rounds: int = 0
+    bytes_sent: int = 0
+    copy_s: float = 0.0  # from start to the last byte landed
+    stopped_s: float = 0.0  # how long the request was stopped on the source before this reply
+
+
+class Drain(_Msg, tag="drain"):
+    """Ask an engine to drain (what SIGTERM does): it takes no new work, says ``draining`` in its heartbeat — routers
+    then migrate its running requests elsewhere — and stops once it holds none, or after ``grace_s``."""
+
+    grace_s: Annotated[float, Meta(gt=0.0, le=86400.0)] = 60.0
 
 
 class Renew(_Msg, tag="renew"):
@@ -516,6 +560,7 @@ class RouterStatus(_Msg, tag="router_status"):
     interval_s: float = 1.0
     metrics_url: str = ""
     resumed: int = 0  # requests resumed on another engine after theirs was lost
+    migrated: int = 0  # running requests moved live to another engine (drains, rebalancing)
 
 
 class Ack(_Msg, tag="ack"):
@@ -548,6 +593,9 @@ ALL_MESSAGES: tuple[type[Struct], ...] = (
     RenewReply,
     Probe,
     ProbeReply,
+    Migrate,
+    MigrateReply,
+    Drain,
     StreamStatus,
     KVChunk,
     KVCommit,

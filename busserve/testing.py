@@ -1,6 +1,6 @@
 """Start real busserve processes for integration tests and benchmarks — an embedded nats-server, engine processes,
-routers and strategy processes, each a real ``busserve`` command, stopped in reverse order — and watch their
-streams on the wire: ``Wire`` files every event each request's stream receives, as any bus client sees it, and
+routers and strategy processes, each a real ``busserve`` command, stopped in reverse order — follow their
+heartbeats (``live_view``), and watch their streams on the wire: ``Wire`` files every event each request's stream receives, as any bus client sees it, and
 ``Stream.check`` asserts the promises (one terminal event, nothing after it, contiguous token indices)."""
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from busserve.messages import (
     Error,
     Final,
     GenerateRequest,
+    KVEventBatch,
     SamplingParams,
     StreamEvent,
     StreamStatus,
     TokenChunk,
 )
+from busserve.router.cluster import ClusterView, Timeouts
 
 
 def _preexec(cpus: list[int] | None) -> None:
@@ -95,10 +97,11 @@ class ProcessCluster:
         proc.wait(timeout=30)
 
     def stop(self) -> None:
+        # SIGINT: stop now (SIGTERM would make engines drain, waiting for what they hold).
         for name in reversed(list(self.procs)):
             p = self.procs[name]
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+                p.send_signal(signal.SIGINT)
         for p in self.procs.values():
             try:
                 p.wait(timeout=30)
@@ -107,6 +110,26 @@ class ProcessCluster:
                 p.wait()
         self.procs.clear()
         self.nats.stop()
+
+
+async def live_view(bus: Bus, ids: set[str], timeouts: Timeouts | None = None, wait_s: float = 60.0) -> ClusterView:
+    """A ClusterView fed by heartbeats and KV events for as long as the bus connection lives, once every engine in
+    ``ids`` heartbeats."""
+    view = ClusterView(bus, timeouts)
+
+    async def on_status(msg: Msg) -> None:
+        view.on_status(codec.decode(msg.data, EngineStatus, msg.headers))
+
+    async def on_kv(msg: Msg) -> None:
+        view.on_kv_events(codec.decode(msg.data, KVEventBatch, msg.headers))
+
+    await bus.subscribe(bus.subjects.engines_status(), on_status)
+    await bus.subscribe(bus.subjects.all_kv_events(), on_kv)
+    deadline = time.monotonic() + wait_s
+    while not all(view.is_alive(i) for i in ids):
+        assert time.monotonic() < deadline, f"engines {ids} not all heartbeating"
+        await asyncio.sleep(0.1)
+    return view
 
 
 # ------------------------------------------------------------------ streams on the wire
@@ -167,6 +190,11 @@ class Wire:
         event: StreamEvent = codec.decode(msg.data, StreamEvent, msg.headers)
         self.streams[label].events.append((time.monotonic(), event))
         self._changed.set()
+
+    def listen(self, label: str) -> tuple[Stream, str]:
+        """A stream to be fed by whoever publishes to the returned subject (a benchmark driving engines itself)."""
+        stream = self.streams[label] = Stream(label, time.monotonic())
+        return stream, f"{self.prefix}.{label}"
 
     async def send(self, label: str, prompt: list[int], max_tokens: int, **sampling: Any) -> Stream:
         stream = self.streams[label] = Stream(label, time.monotonic())

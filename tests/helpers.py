@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from busserve.engine.engine_core import EngineConfig, EngineCore
 from busserve.engine.model_loader import LoadedModel
 from busserve.engine.requests import GenerateCmd, Outbound
 from busserve.messages import Error, Final, SamplingParams, TokenChunk
+from busserve.testing import live_view  # noqa: F401 - the tests import it from here
 
 # DESIGN.md: fp32 products are not batch-invariant; outputs computed under different batch shapes may part ways
 # only where the top two logits nearly tie.
@@ -138,29 +138,6 @@ class LoopThread(BackgroundLoop):
 # ------------------------------------------------------------------ clusters of engine processes
 
 
-async def live_view(bus: Any, ids: set[str], timeouts: Any = None, wait_s: float = 60.0) -> Any:
-    """A ClusterView fed by heartbeats and KV events for as long as the bus connection lives."""
-    import time as _time
-
-    from busserve.bus import codec
-    from busserve.messages import EngineStatus, KVEventBatch
-    from busserve.router.cluster import ClusterView
-
-    view = ClusterView(bus, timeouts)
-
-    async def on_status(msg: Any) -> None:
-        view.on_status(codec.decode(msg.data, EngineStatus, msg.headers))
-
-    async def on_kv(msg: Any) -> None:
-        view.on_kv_events(codec.decode(msg.data, KVEventBatch, msg.headers))
-
-    await bus.subscribe(bus.subjects.engines_status(), on_status)
-    await bus.subscribe(bus.subjects.all_kv_events(), on_kv)
-    deadline = _time.monotonic() + wait_s
-    while not all(view.is_alive(i) for i in ids):
-        assert _time.monotonic() < deadline, f"engines {ids} not all heartbeating"
-        await asyncio.sleep(0.1)
-    return view
 
 
 async def wait_idle_no_leaks(bus: Any, ids: set[str], timeout_s: float = 30.0) -> None:

@@ -158,3 +158,46 @@ def test_a_killed_engine_costs_no_stream_and_comes_back(up: Up) -> None:
         out = c.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=8,
                                    temperature=0)
         assert "Paris" in out.choices[0].text
+
+
+def test_rolling_restart_under_16_streams(up: Up) -> None:
+    """SIGHUP to `busserve up` restarts its engines one by one, each draining first: 16 streams started before it
+    all finish whole, their requests moved live off each engine in turn, and the stack serves on."""
+    import json
+    import threading
+
+    log = up[2]
+    before = log.read_text(errors="replace")
+    pid = json.loads((log.parent / "up.json").read_text())["pid"]
+    results: list[tuple[str | None, int]] = [(None, 0)] * 16
+
+    def one(i: int) -> None:
+        with _client(up) as c:
+            finish, chunks = None, 0
+            for chunk in c.completions.create(model="SmolLM2-135M-Instruct", prompt=f"Tale {i}: a long time ago",
+                                              max_tokens=200, temperature=0, stream=True,
+                                              extra_body={"ignore_eos": True}):
+                if chunk.choices:
+                    finish = chunk.choices[0].finish_reason or finish
+                    chunks += 1
+            results[i] = (finish, chunks)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(3.0)
+    os.kill(pid, signal.SIGHUP)
+    for t in threads:
+        t.join(timeout=300)
+    assert all(finish == "length" for finish, _ in results), results
+    deadline = time.monotonic() + 180
+    while "rolling restart done" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.5)
+    new = log.read_text(errors="replace")[len(before):]
+    assert "rolling restart: e0 serving again" in new and "rolling restart: e1 serving again" in new, new[-4000:]
+    assert "migration of" in new, "no request moved: the test proved nothing"
+    with _client(up) as c:
+        out = c.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=8,
+                                   temperature=0)
+        assert "Paris" in out.choices[0].text

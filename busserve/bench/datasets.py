@@ -65,7 +65,7 @@ def synthetic(n: int, input_len: str, output_len: str, seed: int = 0, kind: str 
     return [Sample(_tokens(rng, lin()), lout(), kind) for _ in range(n)]
 
 
-# (input, output) length specs of the paper experiment's workloads (issue #7; benchmarks/strategy_model.py draws
+# (input, output) length specs of the paper experiment's workloads (docs/BENCHMARKS.md, "The paper's experiment"; benchmarks/strategy_model.py draws
 # the same lengths).
 LONG_INPUT_LENGTHS = ("normal:1024,256", "normal:32,8")
 CHAT_LENGTHS = ("normal:128,32", "normal:128,32")

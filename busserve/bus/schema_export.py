@@ -73,6 +73,13 @@ def channels(subjects: Subjects | None = None) -> list[Channel]:
         Channel("engineProbe", s.engine_action(eid, "probe"), (m.Probe,),
                 "What the engine knows of a request: queued, running, parked, sending, ended or dropped.",
                 "receive", reply=(m.ProbeReply, m.Error)),
+        Channel("engineMigrate", s.engine_action(eid, "migrate"), (m.Migrate,),
+                "Live migration of a running request: copy its KV to the target's reservation in rounds while it "
+                "decodes, stop it for the last round and reply with its tokens; then release (drop it here) or "
+                "resume (decode on here).", "receive", reply=(m.MigrateReply, m.Error)),
+        Channel("engineDrain", s.engine_action(eid, "drain"), (m.Drain,),
+                "Take no new work, say draining in heartbeats (routers move the running requests elsewhere), stop "
+                "once nothing is held or after grace_s.", "receive", reply=(m.EngineStatus, m.Error)),
         Channel("engineSetRoles", s.engine_action(eid, "set_roles"), (m.SetRoles,),
                 "Change the engine's roles (prefill, decode) while serving.", "receive",
                 reply=(m.RolesState, m.Error)),

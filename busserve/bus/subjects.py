@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 EngineAction = Literal["generate", "prep_recv", "remote_send", "start_generate", "abort", "renew", "probe",
-                       "set_roles", "kv_snapshot"]
+                       "migrate", "drain", "set_roles", "kv_snapshot"]
 ENGINE_ACTIONS: tuple[EngineAction, ...] = (
     "generate",
     "prep_recv",
@@ -30,6 +30,8 @@ ENGINE_ACTIONS: tuple[EngineAction, ...] = (
     "abort",
     "renew",
     "probe",
+    "migrate",
+    "drain",
     "set_roles",
     "kv_snapshot",
 )

@@ -63,6 +63,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "cannot hold for one request is refused)")
     g.add_argument("--max-queued", type=int, default=256,
                    help="requests waiting or parked on the engine before new ones are refused as overloaded")
+    g.add_argument("--drain-grace-s", type=float, default=60.0,
+                   help="on SIGTERM the engine drains: its running requests migrate to other engines; it stops once "
+                        "it holds none, or after this long (what is left is resumed elsewhere by recompute)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     g.add_argument("--transport", action="append", default=[], choices=["shm", "bus", "nvshmem"],
                    help="KV transports to offer (default: shm and bus)")

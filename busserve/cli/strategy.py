@@ -1,4 +1,4 @@
-"""``busserve strategy set|show|serve|roles``: live control of routing, and strategies as processes.
+"""``busserve strategy set|show|serve|roles|drain``: live control of routing, and strategies as processes.
 
 ``set_strategy`` (also used by ``busserve bench``) lives in ``busserve.router.control``."""
 
@@ -14,7 +14,7 @@ from busserve.bus.client import Bus
 from busserve.cli.options import add_bus_args, bus_config
 from busserve.config_store import ConfigStore, ConfigUnavailable
 from busserve.errors import BusserveError, NoResponders
-from busserve.messages import Role, RolesState, SetRoles
+from busserve.messages import Drain, EngineStatus, Probe, ProbeReply, Role, RolesState, SetRoles
 from busserve.router.control import set_strategy
 from busserve.router.registry import load_strategy
 from busserve.router.strategy import parse_param_args
@@ -33,7 +33,12 @@ def add_parser(sub: Any) -> None:
     s4 = ss.add_parser("roles", help="change an engine's roles while serving")
     s4.add_argument("engine_id")
     s4.add_argument("roles", help="comma-separated: prefill,decode")
-    for sp in (s1, s2, s3, s4):
+    s5 = ss.add_parser("drain", help="drain an engine: its running requests move to other engines, then it stops")
+    s5.add_argument("engine_id")
+    s5.add_argument("--grace-s", type=float, default=60.0,
+                    help="stop after this long even if some requests could not move (they resume elsewhere)")
+    s5.add_argument("--wait", action="store_true", help="return once the engine has stopped")
+    for sp in (s1, s2, s3, s4, s5):
         add_bus_args(sp)
     p.set_defaults(func=run)
 
@@ -65,12 +70,39 @@ async def _main(args: argparse.Namespace) -> int:
                 print(f"engine {state.engine_id} roles: {','.join(state.roles)}")
             except NoResponders:
                 print(f"engine {args.engine_id} is not running; it takes roles {','.join(roles)} when it starts")
+        elif args.strategy_command == "drain":
+            return await _drain(bus, args.engine_id, args.grace_s, args.wait)
         return 0
     except (BusserveError, ValueError, ConfigUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         await bus.close()
+
+
+async def _drain(bus: Bus, engine_id: str, grace_s: float, wait: bool) -> int:
+    try:
+        status = await bus.request(bus.subjects.engine_action(engine_id, "drain"), Drain(grace_s=grace_s),
+                                   EngineStatus, timeout_s=5)
+    except NoResponders:
+        print(f"engine {engine_id} is not running", file=sys.stderr)
+        return 1
+    print(f"engine {engine_id} {status.state}: {status.running} running, {status.waiting} waiting", flush=True)
+    if not wait:
+        return 0
+    deadline = asyncio.get_running_loop().time() + grace_s + 30
+    while asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.5)
+        try:
+            await bus.request(bus.subjects.engine_action(engine_id, "probe"), Probe(request_id="-"), ProbeReply,
+                              timeout_s=2)
+        except NoResponders:
+            print(f"engine {engine_id} stopped")
+            return 0
+        except BusserveError:
+            continue
+    print(f"engine {engine_id} still running after {grace_s:g}s", file=sys.stderr)
+    return 1
 
 
 async def _serve(args: argparse.Namespace, cfg) -> int:  # type: ignore[no-untyped-def]

@@ -3,7 +3,7 @@
 //
 // Why it exists: the torch path (attention_backends.TorchDecode) gathers every context into a padded batch with
 // index_select and then runs SDPA over the copy, so the KV is read twice and written once per layer and step; on a
-// decode engine holding a few 1,000-token contexts that is a third of the step (docs/BENCHMARKS.md, issue #7).
+// decode engine holding a few 1,000-token contexts that is a third of the step (docs/BENCHMARKS.md, "The paper's experiment").
 //
 // Layout (the same as every other backend): one layer's cache is [slots, kv_heads, head_dim], contiguous; `slots`
 // is [batch, max_len] int64 — the pool slot of each context position (built once per step by the backend's

@@ -39,6 +39,7 @@ from busserve.engine.requests import (
     FenceCmd,
     GenerateCmd,
     GenerateCtx,
+    MigrationCmd,
     Outbound,
     SendDoneCmd,
     WritesOverCmd,
@@ -157,6 +158,10 @@ class EngineCore:
         """Ask the loop to end after the current step (safe from a signal handler)."""
         self._stop.set()
 
+    def holds_requests(self) -> int:
+        """Requests and sub-requests this engine still holds (read from another thread: a count, not an audit)."""
+        return len(self.scheduler.by_id) + len(self.protocol.migrations.active)
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -220,6 +225,8 @@ class EngineCore:
                                                         for s, n in batch if s.is_prefill)
             self.scheduler.advance(batch)
             self.protocol.after_step(sends)
+            if self.protocol.migrations.active:
+                self.protocol.migrations.advance()
             tokens = sample(logits, [gen_ctx(s).sampling for s in sample_seqs])
             for seq, tok in zip(sample_seqs, tokens, strict=True):
                 self._append_token(seq, tok, out)
@@ -250,6 +257,8 @@ class EngineCore:
         """Remove a sequence (its pages back, or ``hold``-ed for a quarantine) and count it."""
         if seq.kind is SeqKind.GENERATE:
             self.landing.close(seq.request_id)
+            if seq.request_id in self.protocol.migrations.active:
+                self.protocol.migrations.ended(seq, outcome)
         self.scheduler.finish(seq, hold=hold)
         if outcome == "error":
             self.counters.requests_failed += 1
@@ -282,6 +291,8 @@ class EngineCore:
             self.counters.kv_bytes_sent += self.protocol.send_done(cmd)
         elif isinstance(cmd, WritesOverCmd):
             self.protocol.writes_over(cmd.request_id)
+        elif isinstance(cmd, MigrationCmd):
+            self.protocol.migrations.landed(cmd)
         elif isinstance(cmd, FenceCmd):
             self.counters.fences += 1
             n = self.protocol.fence(cmd.reason)
@@ -348,6 +359,9 @@ class EngineCore:
         for seq in cancelled:
             if seq.status is SeqStatus.PARKED:
                 self.protocol.drop_parked(seq, why)
+                continue
+            if seq.status is SeqStatus.FROZEN:  # migrating: whichever engine it runs on next ends it
+                self.protocol.migrations.cancel_frozen(seq, cmd.reason or "cancelled")
                 continue
             self.outputs.final(seq, "cancelled", out, stop_reason=cmd.reason or "cancelled")
             self.finish(seq, "cancelled")

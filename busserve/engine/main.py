@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import re
 import secrets
@@ -58,6 +59,7 @@ class EngineOptions:
     metrics_host: str = "127.0.0.1"
     attention: str = "auto"
     linear: str = "auto"
+    drain_grace_s: float = 60.0
 
 
 def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> EngineCore:
@@ -106,10 +108,9 @@ def run_engine_process(opts: EngineOptions, bus_config: BusConfig) -> None:
     try:
         bus = io.run(Bus.connect(bus_config, name=f"busserve-engine-{opts.engine_id}"))
         service = EngineService(bus, core, ServiceConfig(roles=list(opts.roles),  # type: ignore[arg-type]
-                                                         metrics_url=metrics_url))
+                                                         metrics_url=metrics_url, drain_grace_s=opts.drain_grace_s))
         io.run(service.start(run_core=False))
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: core.request_stop())
+        _on_signals(service, io)
         print(f"engine {opts.engine_id} ready ({core.loaded.name}, {core.allocator.num_pages} KV pages)", flush=True)
         core.run()
     finally:
@@ -122,6 +123,20 @@ def run_engine_process(opts: EngineOptions, bus_config: BusConfig) -> None:
         tel.shutdown()
 
 
+def _on_signals(service: EngineService, io: BackgroundLoop) -> None:
+    """SIGTERM drains (routers move the engine's requests elsewhere, then it stops); SIGINT, or a second SIGTERM,
+    stops after the current step (what it holds is resumed elsewhere by recompute)."""
+
+    def on_term(*_: object) -> None:
+        if service.state == "serving":
+            io.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(service.drain()))
+        else:
+            service.core.request_stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, lambda *_: service.core.request_stop())
+
+
 def options_from_args(args: argparse.Namespace) -> EngineOptions:
     return EngineOptions(
         engine_id=args.id or f"e-{secrets.token_hex(3)}", model=args.model, dtype=args.dtype, device=args.device,
@@ -131,7 +146,7 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         threads=args.threads, transports=tuple(args.transport or ("shm", "bus")),
         roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()), metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
-        attention=args.attention, linear=args.linear,
+        attention=args.attention, linear=args.linear, drain_grace_s=args.drain_grace_s,
     )
 
 

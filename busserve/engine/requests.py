@@ -20,7 +20,7 @@ from busserve.engine.detokenizer import Detokenizer
 from busserve.engine.sampler import SamplingState
 from busserve.engine.sequence import Sequence
 from busserve.kv.transfer.base import KVWriter
-from busserve.messages import Abort, PrepRecv, Probe, RemoteSend, Renew, SamplingParams, StartGenerate
+from busserve.messages import Abort, Migrate, PrepRecv, Probe, RemoteSend, Renew, SamplingParams, StartGenerate
 
 Reply = Callable[[Any], None]
 
@@ -146,7 +146,7 @@ class CancelCmd:
 
 @dataclass
 class ActionCmd:
-    msg: PrepRecv | StartGenerate | RemoteSend | Abort | Renew | Probe
+    msg: PrepRecv | StartGenerate | RemoteSend | Abort | Renew | Probe | Migrate
     reply: Reply
     content_type: ContentType = "msgpack"
     trace: Any = None
@@ -168,6 +168,15 @@ class WritesOverCmd:
 
 
 @dataclass
+class MigrationCmd:
+    """From the transfer thread: a migration round (or, ``final``, the whole migration) has landed."""
+
+    request_id: str
+    final: bool
+    error: Exception | None = None
+
+
+@dataclass
 class FenceCmd:
     """This engine lost touch with the bus for longer than routers wait before taking its requests over: drop every
     supervised request without a stream event (their routers resume them elsewhere)."""
@@ -183,4 +192,4 @@ class CallCmd:
     reply: Reply
 
 
-Command = GenerateCmd | CancelCmd | ActionCmd | SendDoneCmd | WritesOverCmd | FenceCmd | CallCmd
+Command = GenerateCmd | CancelCmd | ActionCmd | SendDoneCmd | WritesOverCmd | MigrationCmd | FenceCmd | CallCmd

@@ -80,6 +80,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.parked: dict[str, Sequence] = {}
+        self.frozen: dict[str, Sequence] = {}  # live migration: stopped, pages kept, until released or thawed
         self.by_id: dict[SeqKey, Sequence] = {}
         self.held: dict[SeqKey, list[int]] = {}  # pages kept past their sequence (see ``hold``)
         self.num_preemptions = 0
@@ -146,6 +147,35 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)  # its prefill already happened elsewhere: first in line
         return seq
+
+    def start_migrated(self, request_id: str, begin: int, extend: list[int], prefill_chunk: int = 0) -> Sequence:
+        """start_generate after a live migration: the request's tokens grew by ``extend`` while its KV moved here,
+        ``[0, begin)`` of it landed; the rest (at least the last token) is computed here. Reserved pages beyond
+        what the tokens need go back."""
+        seq = self.parked.pop(request_id)
+        seq.prefill_chunk = prefill_chunk
+        seq.token_ids.extend(extend)
+        seq.prompt_len = len(seq.token_ids)
+        seq.num_computed = seq.num_cached = min(begin, seq.prompt_len - 1)
+        keep = -(-len(seq.token_ids) // self.config.page_size)
+        if len(seq.pages) > keep:
+            self.allocator.decref(seq.pages[keep:])
+            del seq.pages[keep:]
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        return seq
+
+    def freeze(self, seq: Sequence) -> None:
+        """Stop scheduling a running sequence, keeping its pages (live migration's last round)."""
+        self.running.remove(seq)
+        seq.status = SeqStatus.FROZEN
+        self.frozen[seq.request_id] = seq
+
+    def thaw(self, seq: Sequence) -> None:
+        """A frozen sequence decodes on (its migration did not happen)."""
+        del self.frozen[seq.request_id]
+        seq.status = SeqStatus.RUNNING
+        self.running.insert(0, seq)
 
     # ------------------------------------------------------------------ the step
 
@@ -298,6 +328,8 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq.status is SeqStatus.PARKED:
             del self.parked[seq.request_id]
+        elif seq.status is SeqStatus.FROZEN:
+            del self.frozen[seq.request_id]
         was_parked = seq.status is SeqStatus.PARKED
         if hold and was_parked and seq.pages:
             self.held[seq.key] = self.held.get(seq.key, []) + seq.pages

@@ -25,6 +25,7 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PARKED = "parked"  # prep_recv: pages reserved, waiting for start_generate
+    FROZEN = "frozen"  # live migration: stopped (pages kept) while its last KV moves to another engine
     FINISHED = "finished"
 
 

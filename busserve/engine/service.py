@@ -47,12 +47,14 @@ from busserve.kv.transfer.shm import ShmTransport
 from busserve.messages import (
     Abort,
     Cancel,
+    Drain,
     EngineStatus,
     Error,
     GenerateRequest,
     KVChunk,
     KVCommit,
     KVCommitReply,
+    Migrate,
     PrepRecv,
     Probe,
     RemoteSend,
@@ -74,7 +76,12 @@ ACTION_TYPES: dict[str, type] = {
     "abort": Abort,
     "renew": Renew,
     "probe": Probe,
+    "migrate": Migrate,
 }
+# New work a draining engine refuses: prefills for others. It still takes a receive — routers send one only when no
+# other engine is left to resume a request on — and the start of a request parked before the drain (both are then
+# migrated like the rest, or finish here within the grace period).
+REFUSED_WHILE_DRAINING = frozenset({"remote_send"})
 # An engine fences itself after this many heartbeat intervals without contact; routers wait MISSED_HEARTBEATS.
 FENCE_HEARTBEATS = MISSED_HEARTBEATS - 0.5
 # The compute thread answers every action (also when it stops); this bound only keeps a lost answer from holding a
@@ -87,6 +94,7 @@ class ServiceConfig:
     roles: list[Role] = field(default_factory=lambda: ["prefill", "decode"])
     heartbeat_s: float = 1.0
     metrics_url: str = ""
+    drain_grace_s: float = 60.0  # SIGTERM: how long a drain may take before the engine stops with what it holds
 
 
 class EngineService:
@@ -98,7 +106,8 @@ class EngineService:
         self.subjects: Subjects = bus.subjects
         core.kv_events_subject = self.subjects.engine_kv_events(self.engine_id)
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._outbox: asyncio.Queue[list[Outbound]] = asyncio.Queue()
+        # Batches of events from the compute thread, in order; an Event is a barrier (set once all before it are out).
+        self._outbox: asyncio.Queue[list[Outbound] | asyncio.Event] = asyncio.Queue()
         self._tasks: list[asyncio.Task[Any]] = []
         self._subs: list[Any] = []
         self._heartbeat_seq = 0
@@ -108,6 +117,7 @@ class EngineService:
         self.last_contact = time.monotonic()
         self._fencing = False  # a fence is under way: supervised events are dropped until the core confirms
         self.fences = 0
+        self.drained = asyncio.Event()  # set when a drain has ended (the compute loop was asked to stop)
 
     @property
     def fence_after_s(self) -> float:
@@ -183,6 +193,25 @@ class EngineService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
 
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Take no new work and say so (``draining`` heartbeats: routers migrate our running requests to other
+        engines, and resume elsewhere what cannot move); once this engine holds no request — or after the grace
+        period — stop the compute loop, which drops what is left for the routers to resume (``stop``)."""
+        if self.state != "serving":
+            return
+        grace = self.config.drain_grace_s if grace_s is None else grace_s
+        self.state = "draining"
+        log.info("engine %s draining (at most %gs)", self.engine_id, grace)
+        with contextlib.suppress(Exception):
+            await self.bus.publish(self.subjects.engines_status(), self.status())
+        deadline = time.monotonic() + grace
+        while self.core.holds_requests() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.core.holds_requests()
+        log.info("engine %s drained%s", self.engine_id, f"; {left} request(s) left to resume elsewhere" if left else "")
+        self.core.request_stop()
+        self.drained.set()
+
     # ------------------------------------------------------------------ outbound, and the fence
 
     def _emit_threadsafe(self, outs: list[Outbound]) -> None:
@@ -217,9 +246,20 @@ class EngineService:
             await asyncio.sleep(0.05)
         return self._in_contact()
 
+    async def _published(self) -> None:
+        """Return once every event the compute thread handed over before this call has been published."""
+        barrier = asyncio.Event()
+        self._outbox.put_nowait(barrier)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(barrier.wait(), timeout=REPLY_LIMIT_S)
+
     async def _publisher(self) -> None:
         while True:
             outs = await self._outbox.get()
+            if isinstance(outs, asyncio.Event):
+                outs.set()
+                self._outbox.task_done()
+                continue
             try:
                 if any(o.supervised for o in outs) and not await self._await_contact():
                     await self._fence(f"no contact with the bus for over {self.fence_after_s:g}s")
@@ -282,6 +322,13 @@ class EngineService:
         if action == "kv_snapshot":
             self._spawn(self._reply_when_done(msg, self._call(self.core.kv_snapshot), action, ""))
             return
+        if action == "drain":
+            await self._on_drain(msg)
+            return
+        if self.state != "serving" and action in REFUSED_WHILE_DRAINING:
+            await self.bus.respond(msg, Error(code="overloaded", message=f"engine {self.engine_id} is {self.state}; "
+                                                                         "it takes no new work"))
+            return
         typ = ACTION_TYPES.get(action)
         if typ is None:
             await self.bus.respond(msg, Error(code="invalid_request", message=f"unknown engine action {action!r}"))
@@ -315,6 +362,10 @@ class EngineService:
             result = await asyncio.wait_for(fut, timeout=REPLY_LIMIT_S)
         except TimeoutError:
             result = Error(code="timeout", request_id=rid, message=f"engine {self.engine_id} did not finish {action}")
+        if action == "migrate":
+            # The request's last events on this engine must be out before the router starts it elsewhere, so that
+            # its stream goes on in order.
+            await self._published()
         await self.bus.respond(msg, result)
 
     def _spawn(self, coro: Any) -> None:
@@ -357,6 +408,16 @@ class EngineService:
             log.debug("bad cancel: %s", exc)
             return
         self.core.submit(CancelCmd(cancel.request_id, cancel.reason))
+
+    async def _on_drain(self, msg: Msg) -> None:
+        try:
+            req = codec.decode(msg.data, Drain, msg.headers)
+        except MalformedMessage as exc:
+            await self.bus.respond(msg, exc.error)
+            return
+        self._spawn(self.drain(req.grace_s))
+        await asyncio.sleep(0)  # the drain's first heartbeat goes out before the reply
+        await self.bus.respond(msg, self.status())
 
     async def _on_set_roles(self, msg: Msg) -> None:
         try:

@@ -29,11 +29,10 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
-from busserve.bus.codec import ContentType
-from busserve.engine.outputs import StreamWriter
-from busserve.engine.requests import ActionCmd, Command, GenerateCtx, Memory, Outbound, SendCtx, SendDoneCmd, gen_ctx
+from busserve.engine.migration import Migrations
+from busserve.engine.ops import EngineOps
+from busserve.engine.requests import ActionCmd, Memory, Outbound, SendCtx, SendDoneCmd, gen_ctx
 from busserve.engine.scheduler import DuplicateRequest, NeverFits, Scheduler
 from busserve.engine.sequence import SeqKind, SeqStatus, Sequence
 from busserve.kv.pool import OutOfPages
@@ -45,6 +44,7 @@ from busserve.messages import (
     AbortReply,
     Error,
     KVAddress,
+    Migrate,
     PrepRecv,
     PrepRecvReply,
     Probe,
@@ -53,34 +53,11 @@ from busserve.messages import (
     RemoteSendReply,
     Renew,
     RenewReply,
-    SamplingParams,
     StartGenerate,
     StartGenerateReply,
 )
 
 log = logging.getLogger(__name__)
-
-
-class EngineOps(Protocol):
-    """What the protocol may use of the engine core."""
-
-    engine_id: str
-    model_name: str
-    scheduler: Scheduler
-    outputs: StreamWriter
-    max_queued: int
-
-    def generate_ctx(self, *, stream_subject: str, content_type: ContentType, include_usage: bool,
-                     sampling: SamplingParams, trace: object, label: str, supervisor: str = "",
-                     output_offset: int = 0, streamed: list[int] | None = None) -> GenerateCtx: ...
-
-    def check_prompt(self, request_id: str, n: int) -> Error | None: ...
-
-    def finish(self, seq: Sequence, outcome: str, *, hold: bool = False) -> None: ...
-
-    def submit(self, cmd: Command) -> None: ...
-
-    def emit(self, outs: list[Outbound]) -> None: ...
 
 
 @dataclass
@@ -127,6 +104,8 @@ class SubRequests:
         self.reservations: dict[str, Reservation] = {}
         self.quarantine: dict[str, Quarantine] = {}
         self.dropped = Memory()  # request id -> why it ended here without a stream event
+        self.migrating_in: set[str] = set()  # parked receives of requests migrating here
+        self.migrations = Migrations(ops, kv, transports, self.dropped)
         self.on_prep_recv: Callable[[Sequence, int, int, object, int], None] | None = None  # telemetry
 
     @property
@@ -151,6 +130,10 @@ class SubRequests:
             cmd.reply(self.renew(msg))
         elif isinstance(msg, Probe):
             cmd.reply(self.probe(msg))
+        elif isinstance(msg, Migrate):
+            reply = self.migrations.apply(msg, cmd)
+            if reply is not None:
+                cmd.reply(reply)
 
     # ------------------------------------------------------------------ receiver
 
@@ -173,8 +156,11 @@ class SubRequests:
     def prep_recv(self, msg: PrepRecv, cmd: ActionCmd) -> PrepRecvReply | Error:
         rid = msg.request_id
         n = len(msg.prompt_token_ids)
-        err = (self._check_model_and_end(rid, msg.model, msg.end, n) or self.ops.check_prompt(rid, n)
-               or self._refused(rid))
+        err = (self._check_model_and_end(rid, msg.model, msg.end if not msg.migration else 0, n)
+               or self.ops.check_prompt(rid, n) or self._refused(rid))
+        if err is None and msg.end > self.ops.max_model_len:
+            err = Error(code="invalid_request", field="end", request_id=rid,
+                        message=f"end {msg.end} is beyond this engine's context ({self.ops.max_model_len} tokens)")
         if err is not None:
             return err
         transport = msg.transport or next(iter(self.offered), None)
@@ -212,6 +198,8 @@ class SubRequests:
             dtype=dtype_name(lay.dtype), handle=self.transports[transport].receiver_handle(),
             pool_pages=lay.num_pages, expires_at=deadline,
         )
+        if msg.migration:
+            self.migrating_in.add(rid)
         if msg.end > matched:
             self.reservations[rid] = Reservation(transport, deadline, msg.sender_pid)
             if transport == "bus":
@@ -228,13 +216,29 @@ class SubRequests:
             why = "already started" if live is not None else (self.dropped.get(rid) or "unknown here")
             return Error(code="unknown_request", request_id=rid,
                          message=f"no parked request {rid} on engine {self.ops.engine_id} ({why})")
-        if msg.begin != seq.parked_end:
+        migrated = rid in self.migrating_in
+        if migrated:
+            total = len(seq.token_ids) + len(msg.extend)
+            if not msg.begin <= min(seq.parked_end, total - 1):
+                return Error(code="conflict", field="begin", request_id=rid,
+                             message=f"start_generate begin={msg.begin} must be within the migration's reservation "
+                                     f"({seq.parked_end}) and leave a token to compute ({total} tokens)")
+        elif msg.begin != seq.parked_end:
             return Error(code="conflict", field="begin", request_id=rid,
                          message=f"start_generate begin={msg.begin} must equal prep_recv end={seq.parked_end}")
+        elif msg.extend:
+            return Error(code="invalid_request", field="extend", request_id=rid,
+                         message="extend is for a migrated request (prep_recv with migration)")
         self.landing.close(rid)
         self.reservations.pop(rid, None)
-        self.scheduler.start_parked(rid, msg.begin, msg.prefill_chunk)
         ctx = gen_ctx(seq)
+        if migrated:
+            self.migrating_in.discard(rid)
+            self.scheduler.start_migrated(rid, msg.begin, list(msg.extend), msg.prefill_chunk)
+            ctx.output_offset += len(msg.extend)
+            ctx.detok.prime(list(msg.extend))
+        else:
+            self.scheduler.start_parked(rid, msg.begin, msg.prefill_chunk)
         # From here the request generates on this engine: its spans hang under the start_generate sub-request.
         ctx.trace, ctx.t_arrival_ns, ctx.t_scheduled_ns = cmd.trace, cmd.received_ns, 0
         out: list[Outbound] = []
@@ -252,6 +256,7 @@ class SubRequests:
             assert res is not None
             self.quarantine[rid] = Quarantine(res.write_deadline, res.sender_pid)
         self.ops.finish(seq, "cancelled", hold=hold)
+        self.migrating_in.discard(rid)
         self.dropped.add(rid, why)
 
     def renew(self, msg: Renew) -> RenewReply | Error:
@@ -275,6 +280,8 @@ class SubRequests:
             for rid in [r for r, q in self.quarantine.items() if q.over(now)]:
                 self.release_quarantine(rid)
         self._emit(out)
+        if self.scheduler.frozen:
+            self.migrations.expire(now_monotonic)
 
     def writes_over(self, rid: str) -> None:
         """A sender says it writes no more for ``rid``: its quarantined pages (if any) come back now."""
@@ -448,7 +455,7 @@ class SubRequests:
         seq = self.scheduler.get(rid)
         if seq is not None:
             ctx = gen_ctx(seq)
-            state = {SeqStatus.PARKED: "parked", SeqStatus.WAITING: "waiting"}.get(seq.status, "running")
+            state = {SeqStatus.PARKED: "parked", SeqStatus.WAITING: "waiting"}.get(seq.status, "running")  # frozen too
             return ProbeReply(request_id=rid, state=state,  # type: ignore[arg-type]
                               num_output=ctx.output_offset + seq.num_output)
         if self.scheduler.get(rid, SeqKind.SEND) is not None:

@@ -6,9 +6,10 @@
 
 It waits until every engine heartbeats, records the bus URL in the state file (so ``busserve generate`` finds it),
 then supervises: a child that exits is started again after a backoff (1 s, doubling to 30 s; reset once it has run
-for a minute) while the others keep serving — the router resumes the requests of a lost engine elsewhere. Only
-Ctrl-C / SIGTERM stops the stack: engines first (each drops what it holds for the routers and says so), then the
-router, then the server. Credentials reach the children through their environment, never their command line (which
+for a minute) while the others keep serving — the router resumes the requests of a lost engine elsewhere. SIGHUP
+restarts the engines one by one (``rolling_restart``: each drains, its running requests moving live to the others,
+and comes back). Ctrl-C / SIGTERM stops the stack: engines first (each finishes what it holds, within
+``--drain-grace-s``; a second Ctrl-C stops them at once), then the router, then the server. Credentials reach the children through their environment, never their command line (which
 every user of the machine can read). Children also die with this process (parent-death signal).
 """
 
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -73,7 +75,7 @@ def engine_command(args: argparse.Namespace, engine_id: str, threads: int, roles
            "--threads", str(threads), "--roles", roles, "--metrics-port", str(free_port()), "--dtype", args.dtype,
            "--page-size", str(args.page_size), "--kv-memory", args.kv_memory, "--max-running",
            str(args.max_running), "--max-queued", str(args.max_queued), "--device", args.device,
-           "--attention", args.attention, "--linear", args.linear]
+           "--attention", args.attention, "--linear", args.linear, "--drain-grace-s", str(args.drain_grace_s)]
     for flag, value in (("--model", args.model), ("--kv-pages", args.kv_pages),
                         ("--max-batch-tokens", args.max_batch_tokens),
                         ("--max-prefill-tokens", args.max_prefill_tokens), ("--max-model-len", args.max_model_len)):
@@ -89,6 +91,7 @@ def router_command(args: argparse.Namespace) -> list[str]:
            "--strategy", args.strategy, "--http-host", args.http_host, "--http-port", str(args.http_port)]
     for p in args.param:
         cmd += ["--param", p]
+
     if args.model:
         cmd += ["--tokenizer", args.model]
     return cmd
@@ -135,9 +138,14 @@ class Child:
             self.proc.send_signal(sig)
 
 
-def supervise(children: list[Child], stop: StopFlag, poll_s: float = 0.5) -> None:
-    """Restart children that exit, with backoff, until ``stop`` is set."""
+def supervise(children: list[Child], stop: StopFlag, poll_s: float = 0.5,
+              on_restart: Callable[[], None] | None = None) -> None:
+    """Restart children that exit, with backoff, until ``stop`` is set; on SIGHUP, ``on_restart``."""
     while not stop.wait(poll_s):
+        if stop.restart.is_set() and on_restart is not None:
+            stop.restart.clear()
+            on_restart()
+            continue
         now = time.monotonic()
         for c in children:
             rc = c.reap()
@@ -151,21 +159,69 @@ def supervise(children: list[Child], stop: StopFlag, poll_s: float = 0.5) -> Non
                 print(f"{c.name} restarted (pid {c.proc.pid}, restart {c.restarts})", flush=True)
 
 
-def stop_children(children: list[Child]) -> None:
-    """Engines first (they hand their requests back to the router), then everything else."""
-    engines = [c for c in children if c.name != "router"]
-    for group in (engines, [c for c in children if c.name == "router"]):
-        for c in group:
-            c.stop()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for c in group:
-            if c.proc is None:
-                continue
+def rolling_restart(engines: list[Child], config: BusConfig, stop: StopFlag, drain_grace_s: float) -> None:
+    """One engine at a time: SIGTERM (it drains — the router moves its running requests to the others — and
+    exits), start it again, wait until it serves; then the next. The stack serves throughout."""
+    for c in engines:
+        if stop.is_set():
+            return
+        print(f"rolling restart: draining {c.name}", flush=True)
+        t0 = time.monotonic()
+        c.stop(signal.SIGTERM)
+        if c.proc is not None:
             try:
-                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                c.proc.wait(timeout=drain_grace_s + STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 c.proc.kill()
                 c.proc.wait()
+        c.proc = None
+        c.start()
+        try:
+            asyncio.run(wait_for_engines(config, {c.name}, ENGINE_READY_TIMEOUT_S, alive=lambda c=c: c.running))
+        except (TimeoutError, RuntimeError) as exc:
+            print(f"rolling restart: {c.name} did not come back ({exc}); it is restarted as after a crash",
+                  flush=True)
+            return
+        print(f"rolling restart: {c.name} serving again after {time.monotonic() - t0:.1f}s", flush=True)
+    print("rolling restart done", flush=True)
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, alive: Callable[[], bool]) -> None:
+    """Until something accepts connections on host:port (the router's HTTP front starts after its heartbeat)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            if s.connect_ex((host, port)) == 0:
+                return
+        if not alive():
+            raise RuntimeError("the router exited during start-up")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the HTTP front did not listen on {host}:{port} within {timeout_s:.0f}s")
+        time.sleep(0.1)
+
+
+def stop_children(children: list[Child], stop: StopFlag | None = None, drain_grace_s: float = 60.0) -> None:
+    """Engines first — each drains (finishes what it holds; a second Ctrl-C stops them at once, their requests
+    then end with an Error), then the router, then everything else."""
+    engines = [c for c in children if c.name != "router"]
+    if any(c.running for c in engines):
+        print(f"stopping: engines finish what they hold (at most {drain_grace_s:g}s; Ctrl-C again to stop now)",
+              flush=True)
+    for group, grace in ((engines, drain_grace_s + STOP_GRACE_S), ([c for c in children if c.name == "router"],
+                                                                  STOP_GRACE_S)):
+        for c in group:
+            c.stop()
+        deadline = time.monotonic() + grace
+        for c in group:
+            while c.proc is not None and c.proc.poll() is None:
+                if stop is not None and stop.hurry.is_set():
+                    c.stop(signal.SIGINT)
+                if time.monotonic() > deadline:
+                    c.proc.kill()
+                    c.proc.wait()
+                    break
+                time.sleep(0.1)
 
 
 def launch_cluster(args: argparse.Namespace, config: BusConfig) -> int:
@@ -201,6 +257,8 @@ def launch_cluster(args: argparse.Namespace, config: BusConfig) -> int:
         ))
         model = next(iter(statuses.values())).model
         http = f"http://{args.http_host}:{args.http_port}/v1" if args.http_port else ""
+        if http:
+            wait_for_port(args.http_host, args.http_port, 60.0, alive=lambda: router.running)
         write_up_state({"pid": os.getpid(), "nats_url": url, "http_url": http, "model": model,
                         "started_at": time.time()})
         print(f"ready: {len(statuses)} engine(s) serving {model}" + (f"; OpenAI API at {http}" if http else ""),
@@ -211,13 +269,14 @@ def launch_cluster(args: argparse.Namespace, config: BusConfig) -> int:
         if scrape:
             print(f"metrics: {' '.join(scrape)}", flush=True)
         print('try:  busserve generate "What is the capital of France?"   (Ctrl-C stops everything)', flush=True)
-        supervise(children, stop)
+        engines = [c for c in children if c.name != "router"]
+        supervise(children, stop, on_restart=lambda: rolling_restart(engines, config, stop, args.drain_grace_s))
         return 0
     except (TimeoutError, RuntimeError, ConnectionError) as exc:
         print(f"busserve up: {exc}", flush=True)
         return 1
     finally:
-        stop_children(children)
+        stop_children(children, stop, args.drain_grace_s)
         clear_up_state(os.getpid())
         if server is not None:
             server.stop()

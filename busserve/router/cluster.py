@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from busserve.bus.client import MISSED_HEARTBEATS, Bus
 from busserve.errors import BusserveError, RequestTimeout
@@ -24,6 +24,7 @@ from busserve.kv.page_hash import prefix_page_hashes
 from busserve.messages import (
     Abort,
     AbortReply,
+    Drain,
     EngineStatus,
     ErrorCode,
     KVAddress,
@@ -32,6 +33,8 @@ from busserve.messages import (
     KVRemoved,
     KVSnapshotRequest,
     KVStored,
+    Migrate,
+    MigrateReply,
     PrepRecv,
     PrepRecvReply,
     Probe,
@@ -50,6 +53,7 @@ from busserve.telemetry import attributes as A
 from busserve.telemetry.router_telemetry import sub_request_span
 
 T = TypeVar("T")
+MigratePhase = Literal["start", "release", "resume"]
 log = logging.getLogger(__name__)
 
 SENDER_WATCH_S = 0.25  # how often a remote_send in progress checks that its sender is still there
@@ -68,6 +72,7 @@ class Timeouts:
     start_generate_s: float = 10.0
     abort_s: float = 2.0
     probe_s: float = 2.0
+    migrate_s: float = 120.0  # copying a running request's KV (an 8k context over the bus takes seconds)
     # A parked receive's lease, renewed every lease_s / 3 while the strategy works on the request: a router that
     # dies leaves it to lapse (an Error on the stream) within lease_s.
     lease_s: float = 15.0
@@ -155,8 +160,9 @@ class Engine:
         return "bus" if "bus" in mine else next(iter(self.status.transports))  # type: ignore[return-value]
 
     async def prep_recv(self, req: Request, end: int, *, sender: Engine | None = None,
-                        transport: Transport | None = None) -> PrepRecvReply:
-        """Reserve KV for ``prompt[:end]`` here (matching our cached prefix) and park the request."""
+                        transport: Transport | None = None, migration: bool = False) -> PrepRecvReply:
+        """Reserve KV for ``prompt[:end]`` here (matching our cached prefix) and park the request. ``migration``:
+        a running request moves here; ``end`` may exceed the prompt (room for what it decodes meanwhile)."""
         req.touched.add(self.id)
         self._load.assign(req, self.id)
         chosen = transport or self.transport_from(sender)
@@ -164,7 +170,8 @@ class Engine:
                        stream_subject=req.stream_subject, sampling=req.sampling, stream=req.stream, model=req.model,
                        lease_s=self._t.lease_s, transport=chosen, label=req.label, output_offset=req.output_offset,
                        write_window_s=self._t.remote_send_s + 60.0, supervisor=req.supervisor,
-                       sender_pid=sender.status.pid if sender is not None and chosen == "shm" else 0)
+                       sender_pid=sender.status.pid if sender is not None and chosen == "shm" else 0,
+                       migration=migration)
         with sub_request_span("prep_recv", self.id, req.request_id, **{A.RANGE_END: end}) as span:
             reply = await self._bus.request(self._subject("prep_recv"), msg, PrepRecvReply,
                                             timeout_s=self._t.prep_recv_s)
@@ -191,15 +198,18 @@ class Engine:
             self._load.add(self.id, -1)
             self._load.prefill_done(req, self.id)
 
-    async def start_generate(self, req: Request, begin: int, prefill_chunk: int = 0) -> StartGenerateReply:
+    async def start_generate(self, req: Request, begin: int, prefill_chunk: int = 0,
+                             extend: list[int] | None = None) -> StartGenerateReply:
         """Prefill ``prompt[begin:]`` here on top of the received KV, then decode to the request's stream;
-        ``prefill_chunk`` > 0: at most that many prompt tokens per step while others decode here."""
+        ``prefill_chunk`` > 0: at most that many prompt tokens per step while others decode here. ``extend``
+        (a migration): tokens the request decoded on its source after prep_recv; they join its prompt."""
         req.touched.add(self.id)
         self._load.assign(req, self.id)
         self._load.charge_prefill(req, self.id, max(0, req.prompt_len - max(begin, self.cached_prefix(req))))
         req.start_pending = self.id
         with sub_request_span("start_generate", self.id, req.request_id, **{A.RANGE_BEGIN: begin}):
-            msg = StartGenerate(request_id=req.request_id, begin=begin, prefill_chunk=prefill_chunk)
+            msg = StartGenerate(request_id=req.request_id, begin=begin, prefill_chunk=prefill_chunk,
+                                extend=list(extend or []))
             try:
                 reply = await self._bus.request(self._subject("start_generate"), msg, StartGenerateReply,
                                                 timeout_s=self._t.start_generate_s)
@@ -221,6 +231,19 @@ class Engine:
     async def renew(self, req: Request) -> RenewReply:
         return await self._bus.request(self._subject("renew"), Renew(request_id=req.request_id,
                                                                     lease_s=self._t.lease_s), RenewReply,
+                                       timeout_s=self._t.probe_s)
+
+    async def migrate(self, req: Request, phase: MigratePhase, kv_addr: KVAddress | None = None, *,
+                      final_tokens: int = 16) -> MigrateReply:
+        """Live migration, on the request's source engine (see ``router/migration.py``)."""
+        msg = Migrate(request_id=req.request_id, phase=phase, kv_addr=kv_addr, final_tokens=final_tokens)
+        timeout = self._t.migrate_s if phase == "start" else self._t.start_generate_s
+        with sub_request_span(f"migrate {phase}", self.id, req.request_id):
+            return await self._while_present(self._bus.request(self._subject("migrate"), msg, MigrateReply,
+                                                               timeout_s=timeout))
+
+    async def drain(self, grace_s: float = 60.0) -> EngineStatus:
+        return await self._bus.request(self._subject("drain"), Drain(grace_s=grace_s), EngineStatus,
                                        timeout_s=self._t.probe_s)
 
     async def probe(self, req: Request) -> ProbeReply:
@@ -402,11 +425,12 @@ class ClusterView:
         limit = self.dead_after_s(state)
         return time.monotonic() - state.last_seen > limit and self.bus.connected_for() > limit
 
-    def engines(self, *, role: Role | None = None, model: str = "") -> list[Engine]:
+    def engines(self, *, role: Role | None = None, model: str = "", draining: bool = False) -> list[Engine]:
+        """Live engines that take new work (``draining``: also those draining, which still serve what they hold)."""
         now = time.monotonic()
         out = []
         for state in list(self._engines.values()):
-            if not self.alive(state, now) or state.status.draining:
+            if not self.alive(state, now) or (state.status.draining and not draining):
                 continue
             if role is not None and role not in state.status.roles:
                 continue
@@ -420,6 +444,11 @@ class ClusterView:
         if state is None:
             return None
         return Engine(self.bus, state, self.timeouts, self.load, self.is_gone)
+
+    def status_of(self, engine_id: str) -> EngineStatus | None:
+        """The engine's last heartbeat, whatever its state (``engines`` leaves out draining and dead ones)."""
+        state = self._engines.get(engine_id)
+        return None if state is None else state.status
 
     def is_alive(self, engine_id: str) -> bool:
         state = self._engines.get(engine_id)

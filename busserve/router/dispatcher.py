@@ -44,6 +44,8 @@ from busserve.messages import (
 )
 from busserve.router.cluster import ClusterView, Timeouts
 from busserve.router.lifecycle import Flight, State
+from busserve.router.mover import Mover
+from busserve.router.rebalance import RebalanceConfig
 from busserve.router.registry import BUILTINS
 from busserve.router.request import Request
 from busserve.router.strategy import (
@@ -74,6 +76,13 @@ class RouterConfig:
     heartbeat_s: float = 1.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    # Thresholds of the rebalancing policy; it runs while the active strategy has the parameter ``rebalance=1``.
+    rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
+
+
+# A parameter every strategy takes: rebalancing (live migration of running requests, ``router/rebalance.py``) on
+# top of what the strategy decides for new requests.
+REBALANCE_PARAM = "rebalance"
 
 
 @dataclass
@@ -82,6 +91,11 @@ class ActiveStrategy:
     fn: StrategyFn | None  # None: served by a strategy process on its own subject
     params: dict[str, StrategyParam]
     revision: int = 0
+    rebalance: bool = False
+
+    @property
+    def stored_params(self) -> dict[str, StrategyParam]:
+        return {**self.params, REBALANCE_PARAM: 1} if self.rebalance else dict(self.params)
 
 
 class Router:
@@ -103,6 +117,9 @@ class Router:
         self._seq = 0
         self.telemetry = RouterTelemetry(self.config.router_id, lambda: self.active, lambda: self.in_flight)
         self.supervisor = Supervisor(bus, self.view, self.config.supervision, on_resume=self._on_resume)
+        self.mover = Mover(self.view, self.supervisor, lambda: self.in_flight.values(), self._spawn,
+                           self.config.rebalance, on_moved=self.telemetry.on_migration,
+                           enabled=lambda: self.active.rebalance)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -120,6 +137,7 @@ class Router:
         self._subs.append(await self.bus.subscribe(s.cancel(), self._on_cancel))
         self._subs.append(await self.bus.subscribe(s.control_strategy(), self._on_set_strategy, queue=ROUTER_QUEUE))
         self._spawn(self._heartbeat())
+        self._spawn(self.mover.rebalance_forever())
         await self.bus.nc.flush()
         log.info("router %s up; strategy %s %s", self.config.router_id, self.active.name, self.active.params)
 
@@ -146,10 +164,15 @@ class Router:
 
     def resolve(self, name: str, params: dict[str, StrategyParam]) -> ActiveStrategy:
         """Validate a strategy setting: a built-in (params checked against its signature) or an external one."""
+        params = dict(params)
+        flag = params.pop(REBALANCE_PARAM, 0)
+        if flag not in (0, 1, True, False, "0", "1", "true", "false"):
+            raise ValueError(f"{REBALANCE_PARAM} must be 0 or 1, not {flag!r}")
+        rebalance = flag in (1, True, "1", "true")
         fn = BUILTINS.get(name)
         if fn is not None:
-            return ActiveStrategy(name, fn, coerce_params(fn, params))
-        return ActiveStrategy(name, None, dict(params))
+            return ActiveStrategy(name, fn, coerce_params(fn, params), rebalance=rebalance)
+        return ActiveStrategy(name, None, params, rebalance=rebalance)
 
     async def _load_strategy(self) -> None:
         self.active = self.resolve(self.config.initial_strategy, self.config.initial_params)
@@ -160,7 +183,7 @@ class Router:
             return
         stored = await self.store.get_strategy()
         if stored is None:
-            await self.store.put_strategy(StrategyState(name=self.active.name, params=self.active.params,
+            await self.store.put_strategy(StrategyState(name=self.active.name, params=self.active.stored_params,
                                                         updated_by=self.config.router_id))
         await self.store.watch("strategy", StrategyState, self._apply_stored)
 
@@ -173,8 +196,8 @@ class Router:
             log.error("stored strategy %s is invalid here (%s); keeping %s", state.name, exc, self.active.name)
             return
         active.revision = revision
-        if (active.name, active.params) != (self.active.name, self.active.params):
-            log.info("strategy now %s %s (revision %d)", active.name, active.params, revision)
+        if (active.name, active.stored_params) != (self.active.name, self.active.stored_params):
+            log.info("strategy now %s %s (revision %d)", active.name, active.stored_params, revision)
         self.active = active
 
     async def _on_set_strategy(self, msg: Msg) -> None:
@@ -189,7 +212,7 @@ class Router:
         except (ValueError, BusserveError) as exc:
             await self.bus.respond(msg, Error(code="invalid_request", field="name", message=str(exc)))
             return
-        state = StrategyState(name=active.name, params=active.params, updated_by=self.config.router_id)
+        state = StrategyState(name=active.name, params=active.stored_params, updated_by=self.config.router_id)
         if self.store is not None:
             state.revision = await self.store.put_strategy(state)
         # Apply it here before answering, so a request sent after the reply sees it; other routers follow
@@ -208,8 +231,12 @@ class Router:
     # ------------------------------------------------------------------ cluster view
 
     async def _on_engine_status(self, msg: Msg) -> None:
-        with contextlib.suppress(MalformedMessage):
-            self.view.on_status(codec.decode(msg.data, EngineStatus, msg.headers))
+        try:
+            status = codec.decode(msg.data, EngineStatus, msg.headers)
+        except MalformedMessage:
+            return
+        self.view.on_status(status)
+        self.mover.on_status(status)
 
     async def _on_kv_events(self, msg: Msg) -> None:
         with contextlib.suppress(MalformedMessage):
@@ -393,9 +420,10 @@ class Router:
     # ------------------------------------------------------------------ status
 
     def status(self) -> RouterStatus:
-        return RouterStatus(router_id=self.config.router_id, strategy=self.active.name, params=self.active.params,
+        return RouterStatus(router_id=self.config.router_id, strategy=self.active.name,
+                            params=self.active.stored_params,
                             in_flight=len(self.in_flight), completed=self.completed, failed=self.failed,
-                            interval_s=self.config.heartbeat_s, resumed=self.resumed)
+                            interval_s=self.config.heartbeat_s, resumed=self.resumed, migrated=self.mover.moved)
 
     async def _heartbeat(self) -> None:
         while True:

@@ -73,6 +73,7 @@ class Flight:
     attempts: list[Request] = field(default_factory=list)  # the engine-side attempts after the first (resumes)
     resume_limit: int = 2
     cancelled: bool = False
+    migrating: bool = False  # a live migration is moving it (supervision waits: router/migration.py)
     terminal: asyncio.Event = field(default_factory=asyncio.Event)
     terminal_event: Final | Error | None = None
     last_token_at: float | None = None

@@ -31,6 +31,9 @@ class Request:
     output_offset: int = 0  # the last output_offset tokens of prompt_token_ids were streamed already (resumed)
     base_id: str = ""  # request_id of the first attempt
     attempt: int = 0
+    # Attempt numbers handed out so far, shared by every attempt of the request (``replace`` keeps the reference):
+    # an attempt that failed halfway (a migration called off) never lends its id to the next.
+    tries: list[int] = field(default_factory=lambda: [0])
     # Filled in as the strategy runs.
     touched: set[str] = field(default_factory=set)  # engines that may hold state for this request
     senders: set[str] = field(default_factory=set)  # engines asked to remote_send (stopped first on cleanup)
@@ -54,7 +57,8 @@ class Request:
     def renumber(self) -> None:
         """Go on under a fresh engine-side id, in place, forgetting the engines touched so far (the caller has
         aborted them): what a strategy does to start over after a lost sender."""
-        self.attempt += 1
+        self.tries[0] += 1
+        self.attempt = self.tries[0]
         self.request_id = f"{self.base_id}:{self.attempt}"
         self.touched, self.senders, self.parked_on = set(), set(), set()
         self.started_on = self.start_pending = None
@@ -62,7 +66,8 @@ class Request:
     def next_attempt(self, streamed: list[int] | None = None) -> Request:
         """The same request under a fresh engine-side id, with no engine touched yet. ``streamed``: output tokens
         the client has already seen; the new attempt computes them as prompt and streams on after them."""
-        n = self.attempt + 1
+        self.tries[0] += 1
+        n = self.tries[0]
         prompt = self.prompt_token_ids[: self.prompt_len - self.output_offset]
         out = list(streamed) if streamed is not None else list(self.prompt_token_ids[len(prompt):])
         return replace(self, request_id=f"{self.base_id}:{n}", attempt=n, prompt_token_ids=prompt + out,

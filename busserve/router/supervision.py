@@ -71,8 +71,11 @@ async def release(view: ClusterView, req: Request, reason: str, owner: str | Non
 
 
 def resume_target(view: ClusterView, req: Request, lost: set[str]) -> Engine | None:
-    """Where a resumed request goes: the live engine caching most of its tokens, else the least loaded."""
+    """Where a resumed request goes: the live engine caching most of its tokens, else the least loaded — one that
+    is draining only if no other is left (it still serves within its grace period; a failure would be worse)."""
     engines = [e for e in view.engines(role="decode", model=req.model) if e.id not in lost]
+    if not engines:
+        engines = [e for e in view.engines(role="decode", model=req.model, draining=True) if e.id not in lost]
     if not engines:
         return None
     return max(engines, key=lambda e: (e.cached_prefix(req), -e.load, -e.decoding, e.id))
@@ -96,6 +99,8 @@ class Supervisor:
                 await asyncio.wait_for(flight.terminal.wait(), timeout=WATCH_S)
             if flight.terminal.is_set():
                 return
+            if flight.migrating:  # every step of a migration has its own timeout; its outcome decides
+                continue
             engine_id = flight.req.started_on
             assert engine_id is not None
             now = time.monotonic()

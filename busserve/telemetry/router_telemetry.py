@@ -45,6 +45,14 @@ class RouterTelemetry:
         self.resumes = m.create_counter("busserve.router.resumes", unit="{request}",
                                         description="Requests resumed on another engine after theirs was lost")
 
+        self.migrations = m.create_counter("busserve.router.migrations", unit="{request}",
+                                           description="Live migrations of running requests, by reason and outcome")
+        self.migration_pause = m.create_histogram(
+            "busserve.router.migration.pause", unit="s", description="How long a migrated request was stopped",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS)
+        self.migration_bytes = m.create_counter("busserve.router.migration.bytes", unit="By",
+                                                description="KV bytes copied by live migrations")
+
         def strategy_gauge(options: CallbackOptions) -> Iterable[Observation]:
             yield Observation(1, {"busserve.strategy": active_strategy().name, "busserve.router.id": router_id})
 
@@ -82,6 +90,13 @@ class RouterTelemetry:
 
     def on_resume(self, flight: Any, lost: str) -> None:
         self.resumes.add(1, {"busserve.strategy": flight.strategy, A.ENGINE_ID: lost})
+
+    def on_migration(self, moved: Any, reason: str) -> None:
+        labels = {"busserve.migration.reason": reason, "busserve.outcome": "ok" if moved.ok else "error"}
+        self.migrations.add(1, labels)
+        if moved.ok:
+            self.migration_pause.record(moved.pause_s, {"busserve.migration.reason": reason})
+            self.migration_bytes.add(moved.bytes_sent, {"busserve.migration.reason": reason})
 
     def on_finish(self, flight: Any, outcome: str, span: trace.Span | None = None) -> None:
         now = time.monotonic()

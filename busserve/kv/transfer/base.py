@@ -143,6 +143,10 @@ class KVWriter(ABC):
         Transports whose writes the receiver cannot see (shm) tell it, so that it can reuse a dropped receive's
         pages at once instead of keeping them in quarantine."""
 
+    def after_queued(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the transfer thread once the writes queued so far are done (a round's marker)."""
+        self._executor.submit(fn)
+
     def finish(self, on_done: DoneCallback) -> None:
         """Call ``on_done(error, bytes)`` on the transfer thread once every queued write has landed (or, after
         ``abort``, once the writes already queued have drained)."""

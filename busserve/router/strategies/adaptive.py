@@ -1,7 +1,7 @@
 """Adaptive: per request, data parallel, PD or balanced PD — and the balance factor — from the prompt length, the
 cached prefixes and the engines' current and recent work.
 
-What the fixed strategies measured on the paper's experiment (docs/BENCHMARKS.md, issue #7):
+What the fixed strategies measured on the paper's experiment (docs/BENCHMARKS.md, "The paper's experiment"):
 
 * long prompts stall every decode step that shares an engine with their prefill chunks — that is data parallel's
   P99 on long inputs; PD keeps decode steps clean, and balanced PD at f = 0.1 does best of all (the decode engine
