@@ -22,6 +22,7 @@ from busserve.bus import codec
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
 from busserve.bus.embedded import EmbeddedNats, _die_with_parent
+from busserve.bus.subjects import Subjects
 from busserve.launch.readiness import wait_for_engines
 from busserve.messages import (
     EngineStatus,
@@ -35,6 +36,7 @@ from busserve.messages import (
     TokenChunk,
 )
 from busserve.router.cluster import ClusterView, Timeouts
+from busserve.security.server_config import Credentials, authorization_config
 
 
 def _preexec(cpus: list[int] | None) -> None:
@@ -51,8 +53,18 @@ class ProcessCluster:
     nats: EmbeddedNats = field(default_factory=EmbeddedNats)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     log_dir: str | None = None
+    # A secured server (busserve/security): every process started under a name with an identity here connects
+    # as it (through its environment); None: an open server.
+    credentials: Credentials | None = None
+
+    @classmethod
+    def secured(cls, engine_ids: list[str], router_ids: list[str], **kw: Any) -> ProcessCluster:
+        """A cluster whose server admits only the identities of ``Credentials.for_stack`` with their grants."""
+        return cls(credentials=Credentials.for_stack(engine_ids, router_ids), **kw)
 
     def __enter__(self) -> ProcessCluster:
+        if self.credentials is not None:
+            self.nats.extra_config = authorization_config(list(self.credentials.identities.values()), Subjects())
         self.nats.start()
         return self
 
@@ -63,8 +75,13 @@ class ProcessCluster:
     def url(self) -> str:
         return self.nats.url
 
-    def bus_config(self) -> BusConfig:
-        return BusConfig(servers=[self.url], max_reconnect_attempts=2)
+    def bus_config(self, identity: str = "operator") -> BusConfig:
+        """How a test connects: as ``identity`` on a secured cluster (a name, or a role's one identity)."""
+        base = BusConfig(servers=[self.url], max_reconnect_attempts=2)
+        if self.credentials is None:
+            return base
+        ident = self.credentials.identities.get(identity) or self.credentials.of_role(identity)  # type: ignore[arg-type]
+        return ident.bus_config(base)
 
     def start(self, name: str, *argv: str, cpus: list[int] | None = None, env: dict[str, str] | None = None
               ) -> subprocess.Popen[bytes]:
@@ -72,8 +89,10 @@ class ProcessCluster:
         log = None
         if self.log_dir:
             log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")  # noqa: SIM115 - owned by the child
+        ident = self.credentials.identities.get(name) if self.credentials is not None else None
+        secret = ident.env() if ident is not None else {}
         proc = subprocess.Popen(cmd, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else None,
-                                env={**os.environ, **(env or {})}, start_new_session=True,
+                                env={**os.environ, **secret, **(env or {})}, start_new_session=True,
                                 preexec_fn=lambda: _preexec(cpus))
         if log:
             log.close()
@@ -173,7 +192,7 @@ class Stream:
 class Wire:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
-        self.prefix = f"_INBOX.faults.{uuid.uuid4().hex[:8]}"
+        self.prefix = f"{bus.subjects.inbox_prefix(bus.owner)}.wire-{uuid.uuid4().hex[:8]}"
         self.streams: dict[str, Stream] = {}
         self._sub: Any = None
         self._changed = asyncio.Event()
@@ -200,7 +219,7 @@ class Wire:
         stream = self.streams[label] = Stream(label, time.monotonic())
         req = GenerateRequest(request_id=label, prompt_token_ids=prompt, sampling=SamplingParams(
             max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **sampling))
-        await self.bus.publish(self.bus.subjects.generate(), req, reply=f"{self.prefix}.{label}")
+        await self.bus.publish(self.bus.subjects.generate(self.bus.owner), req, reply=f"{self.prefix}.{label}")
         return stream
 
     async def wait(self, predicate: Any, timeout_s: float, what: str) -> None:

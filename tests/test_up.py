@@ -118,6 +118,54 @@ def test_busserve_generate_finds_the_cluster(up: Up) -> None:
     assert "Paris" in out.stdout
 
 
+def test_the_default_stack_is_secured(up: Up) -> None:
+    """No anonymous access, the local client identity cannot read cluster state or others' inboxes, the operator's
+    commands work, and no password is on any child's command line."""
+    import asyncio
+    import json
+
+    from busserve.bus.client import Bus
+    from busserve.bus.config import BusConfig
+    from busserve.security.server_config import Credentials
+
+    state = json.loads((up[2].parent / "up.json").read_text())
+    creds_file = Path(state["credentials"])
+    assert creds_file.stat().st_mode & 0o077 == 0, oct(creds_file.stat().st_mode)
+    creds = Credentials.load(creds_file)
+
+    async def check() -> list[str]:
+        with pytest.raises(ConnectionError, match="refused an anonymous connection"):
+            await Bus.connect(BusConfig(servers=[state["nats_url"]], connect_attempts=1), name="anonymous")
+        client = await Bus.connect(creds.of_role("client").bus_config(BusConfig(servers=[state["nats_url"]])),
+                                   name="t")
+        errors: list[str] = []
+        client.nc._error_cb = lambda exc: _append(errors, exc)  # type: ignore[attr-defined]
+        for subject in ("_INBOX.>", client.subjects.engines_status(), client.subjects.all_kv_events()):
+            await client.nc.subscribe(subject)
+        await client.nc.flush()
+        await asyncio.sleep(0.3)
+        await client.close()
+        return errors
+
+    errors = asyncio.run(check())
+    assert sum("permissions violation" in e for e in errors) == 3, errors
+    status = subprocess.run([sys.executable, "-m", "busserve.cli", "status", "--once"], capture_output=True,
+                            text=True, timeout=60, env=up[1], cwd=REPO)
+    assert status.returncode == 0 and "e0" in status.stdout, status.stdout + status.stderr
+    secrets = [i.password for i in creds.identities.values()]
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            assert not any(p in cmdline for p in secrets), f"a password on the command line of pid {pid}"
+
+
+async def _append(errors: list[str], exc: Exception) -> None:
+    errors.append(str(exc))
+
+
 def test_a_killed_engine_costs_no_stream_and_comes_back(up: Up) -> None:
     """16 streaming completions of 160 tokens; one engine SIGKILLed mid-way: all 16 finish whole (the router
     resumes the lost ones on the other engine), and `busserve up` starts the dead engine again."""
@@ -170,22 +218,26 @@ def test_rolling_restart_under_16_streams(up: Up) -> None:
     before = log.read_text(errors="replace")
     pid = json.loads((log.parent / "up.json").read_text())["pid"]
     results: list[tuple[str | None, int]] = [(None, 0)] * 16
+    started = threading.Semaphore(0)
 
     def one(i: int) -> None:
         with _client(up) as c:
             finish, chunks = None, 0
             for chunk in c.completions.create(model="SmolLM2-135M-Instruct", prompt=f"Tale {i}: a long time ago",
-                                              max_tokens=200, temperature=0, stream=True,
+                                              max_tokens=400, temperature=0, stream=True,
                                               extra_body={"ignore_eos": True}):
                 if chunk.choices:
                     finish = chunk.choices[0].finish_reason or finish
                     chunks += 1
+                    if chunks == 1:
+                        started.release()
             results[i] = (finish, chunks)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
-    time.sleep(3.0)
+    for _ in threads:  # every stream decoding (on a fast machine 400 tokens take a few seconds)
+        assert started.acquire(timeout=120)
     os.kill(pid, signal.SIGHUP)
     for t in threads:
         t.join(timeout=300)

@@ -67,9 +67,12 @@ def _is_no_responders(msg: Msg) -> bool:
 class Bus:
     """A NATS connection plus the subject layout; one per process (or per independent component)."""
 
-    def __init__(self, nc: NATS, subjects: Subjects) -> None:
+    def __init__(self, nc: NATS, subjects: Subjects, owner: str = "") -> None:
         self.nc = nc
         self.subjects = subjects
+        # Who this connection is on a secured server (its user name): it sends requests and cancels under that
+        # name and reads its replies and streams under ``_INBOX.<owner>``. "" on open servers.
+        self.owner = owner
         self.connected_since: float | None = time.monotonic()  # None while disconnected
         self.reconnects = 0
         self.closing = False
@@ -81,8 +84,11 @@ class Bus:
     @classmethod
     async def connect(cls, config: BusConfig, *, name: str) -> Bus:
         holder: list[Bus] = []
+        seen: list[str] = []  # errors the server sent while connecting (an authorization violation, say)
 
         async def on_error(exc: Exception) -> None:
+            if not holder:
+                seen.append(str(exc))
             log.warning("nats (%s): %s", name, exc)
 
         async def on_disconnected() -> None:
@@ -99,6 +105,8 @@ class Bus:
             log.warning("nats (%s): reconnected to %s", name, getattr(nc, "connected_url", None))
 
         kwargs = config.connect_kwargs()
+        owner = config.owner()
+        kwargs["inbox_prefix"] = Subjects.inbox_prefix(owner)
         # nats-py can wait forever after some failures (a TLS verification error, say): bound the whole attempt.
         deadline = config.connect_timeout_s * config.connect_attempts * len(kwargs["servers"]) + 2.0
         nc = NATS()
@@ -111,6 +119,11 @@ class Bus:
             with contextlib.suppress(Exception):
                 await nc.close()
             servers = ", ".join(kwargs["servers"])
+            refused = next((e for e in seen if "authorization" in e.lower()), None)
+            if refused is not None:
+                who = f"user {config.user!r}" if config.user else "an anonymous connection"
+                raise ConnectionError(f"NATS at {servers} refused {who} ({refused}): check the credentials "
+                                      "(BUSSERVE_NATS_USER / BUSSERVE_NATS_PASSWORD, --nats-creds)") from exc
             raise ConnectionError(
                 f"cannot reach NATS at {servers} ({exc or type(exc).__name__}); "
                 "start one with `busserve up` or pass --nats URL"
@@ -120,7 +133,7 @@ class Bus:
             nc.options["allow_reconnect"] = False
         nc.options["max_reconnect_attempts"] = config.max_reconnect_attempts
         nc.options["reconnect_time_wait"] = 1.0
-        bus = cls(nc, Subjects(config.subject_prefix))
+        bus = cls(nc, Subjects(config.subject_prefix), owner)
         holder.append(bus)
         return bus
 
@@ -242,7 +255,7 @@ class Bus:
         """
         if request.request_id is None:
             request.request_id = uuid.uuid4().hex
-        target = subject or self.subjects.generate()
+        target = subject or self.subjects.generate(self.owner)
         finished = False
         async with self.open_stream() as stream:
             await self.publish(target, request, reply=stream.subject, content_type=content_type)
@@ -260,7 +273,8 @@ class Bus:
                 if not finished:
                     with contextlib.suppress(Exception):
                         await self.publish(
-                            self.subjects.cancel(), Cancel(request_id=request.request_id, reason="client gone")
+                            self.subjects.cancel(self.owner), Cancel(request_id=request.request_id,
+                                                                     reason="client gone")
                         )
 
 

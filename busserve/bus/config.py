@@ -71,6 +71,9 @@ class BusConfig:
     tls_key: str | None = None
     tls_hostname: str | None = None
     subject_prefix: str = "busserve"
+    # The identity this connection has on a secured server (busserve/security): the user name by default. Set it
+    # where the server knows the connection by something else (an nkey or a creds file).
+    identity: str | None = None
     connect_timeout_s: float = 5.0
     # Tries per server before the first connection is given up (bad credentials should not hang a start-up).
     connect_attempts: int = 3
@@ -91,11 +94,16 @@ class BusConfig:
             tls_cert=env.get("BUSSERVE_NATS_TLS_CERT") or None,
             tls_key=env.get("BUSSERVE_NATS_TLS_KEY") or None,
             subject_prefix=env.get("BUSSERVE_SUBJECT_PREFIX", "busserve"),
+            identity=env.get("BUSSERVE_NATS_IDENTITY") or None,
         )
         for key, value in overrides.items():
             if value is not None and value != []:
                 setattr(cfg, key, value)
         return cfg
+
+    def owner(self) -> str:
+        """The identity requests and inboxes are named by ("" for an anonymous connection to an open server)."""
+        return self.identity or self.user or ""
 
     def resolved_servers(self) -> list[str]:
         if self.servers:

@@ -2,8 +2,11 @@
 
 ``Subjects("busserve")`` gives the v1 layout of DESIGN.md::
 
-    busserve.v1.generate                         client → router (queue group), reply-to = stream subject
-    busserve.v1.cancel                           client → routers and engines
+    busserve.v1.generate.<owner>                 client → router (queue group), reply-to = stream subject
+    busserve.v1.cancel.<owner>                   client → routers (only the request's owner cancels it)
+    busserve.v1.generate, busserve.v1.cancel     the same without an owner, on open servers; routers pass
+                                                 cancels on to engines on busserve.v1.cancel
+    _INBOX.<owner>.>                             an identity's replies and token streams
     busserve.v1.strategy.<name>                  router → strategy process (queue group)
     busserve.v1.engine.<id>.<action>             strategy → engine, request-reply
     busserve.v1.engines.status                   engine heartbeats
@@ -60,12 +63,38 @@ class Subjects:
     def root(self) -> str:
         return f"{self.prefix}.{self.version}"
 
-    # client-facing
-    def generate(self) -> str:
-        return f"{self.root}.generate"
+    # client-facing. ``owner``: the sender's identity (its NATS user name). A secured server lets each client
+    # publish only under its own name, so the last token tells routers who sent a request or a cancel; on an
+    # open server clients use the bare subjects (owner "").
+    def generate(self, owner: str = "") -> str:
+        return f"{self.root}.generate.{_token(owner, 'owner')}" if owner else f"{self.root}.generate"
 
-    def cancel(self) -> str:
-        return f"{self.root}.cancel"
+    def cancel(self, owner: str = "") -> str:
+        return f"{self.root}.cancel.{_token(owner, 'owner')}" if owner else f"{self.root}.cancel"
+
+    def generate_any_owner(self) -> str:
+        return f"{self.root}.generate.*"
+
+    def cancel_any_owner(self) -> str:
+        return f"{self.root}.cancel.*"
+
+    def owner_of(self, subject: str) -> str:
+        """The owner token of a generate / cancel subject ("" for the bare ones)."""
+        for base in (f"{self.root}.generate.", f"{self.root}.cancel."):
+            if subject.startswith(base):
+                return subject[len(base):]
+        return ""
+
+    @staticmethod
+    def inbox_prefix(owner: str) -> str:
+        """The inbox prefix of an identity: its replies and streams arrive under ``<prefix>.>`` (``_INBOX`` for an
+        anonymous one, as in every NATS client)."""
+        return f"_INBOX.{_token(owner, 'identity')}" if owner else "_INBOX"
+
+    @staticmethod
+    def in_inbox_of(owner: str, subject: str) -> bool:
+        """Whether ``subject`` lies in ``owner``'s inbox space — the only place a router streams an owner's tokens."""
+        return subject.startswith(f"_INBOX.{owner}.") and len(subject) > len(owner) + 8
 
     def stream(self, request_id: str) -> str:
         return f"{self.root}.stream.{_token(request_id, 'request id')}"

@@ -10,6 +10,7 @@ options several share in ``options.py`` below them. Each subcommand imports what
     busserve status                  live view of engines, routers and the active strategy
     busserve bench                   open-loop load generator
     busserve nats                    only the embedded nats-server
+    busserve security matrix|init    roles × subjects matrix; credentials and server config for a deployment
     busserve schema export           write schemas/ (JSON Schema + AsyncAPI) from the code
     busserve version
 """
@@ -22,7 +23,8 @@ from collections.abc import Callable, Sequence
 
 Command = Callable[[argparse.Namespace], int]
 # One module per subcommand; each has ``add_parser(subparsers)`` and imports what it runs only when it runs.
-SUBCOMMANDS = ("version", "schema", "nats", "up", "engine", "router", "generate", "strategy", "status", "bench")
+SUBCOMMANDS = ("version", "schema", "nats", "up", "engine", "router", "generate", "strategy", "status", "bench",
+               "security")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,4 +20,4 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from busserve.bench.main import run_bench_command
 
-    return run_bench_command(args, bus_config(args))
+    return run_bench_command(args, bus_config(args, role="client"))

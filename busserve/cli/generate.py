@@ -71,7 +71,7 @@ def add_parser(sub: Any) -> None:
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    cfg = bus_config(args)
+    cfg = bus_config(args, role="operator" if args.engine else "client")
     cfg.max_reconnect_attempts = 0
     try:
         # Validate locally first, so a bad flag is reported as such, not as a server error.

@@ -4,8 +4,11 @@ module (they import this; this imports none of them)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from busserve.bus.config import BusConfig
+from busserve.bus.config import BusConfig, read_up_state
+from busserve.security.roles import Role
+from busserve.security.server_config import Credentials
 
 
 def add_bus_args(p: argparse.ArgumentParser) -> None:
@@ -25,8 +28,22 @@ def add_bus_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--subject-prefix", default=None, help="subject prefix (default busserve)")
 
 
-def bus_config(args: argparse.Namespace) -> BusConfig:
+def bus_config(args: argparse.Namespace, role: Role | None = None) -> BusConfig:
+    """The connection the flags and BUSSERVE_NATS_* variables describe. ``role``: a command that may find a local
+    ``busserve up`` (no server named, no credentials given) connects as that stack's identity of this role."""
     servers = [s.strip() for item in args.nats for s in item.split(",") if s.strip()]
+    cfg = _from_flags(args, servers)
+    if role is not None and not cfg.servers and not (cfg.user or cfg.token or cfg.creds_file or cfg.nkeys_seed_file):
+        state = read_up_state()
+        if state and state.get("credentials"):
+            try:
+                return Credentials.load(Path(state["credentials"])).of_role(role).bus_config(cfg)
+            except (OSError, ValueError, KeyError) as exc:
+                raise SystemExit(f"cannot read the credentials of the running `busserve up` ({exc})") from exc
+    return cfg
+
+
+def _from_flags(args: argparse.Namespace, servers: list[str]) -> BusConfig:
     return BusConfig.from_env(
         servers=servers,
         user=args.nats_user,

@@ -75,7 +75,7 @@ def add_parser(sub: Any) -> None:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    cfg = bus_config(args)
+    cfg = bus_config(args, role="operator")
     cfg.max_reconnect_attempts = 0
     bus = await Bus.connect(cfg, name="busserve-status")
     snap = Snapshot()

@@ -44,7 +44,7 @@ def add_parser(sub: Any) -> None:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    cfg = bus_config(args)
+    cfg = bus_config(args, role="strategy" if args.strategy_command == "serve" else "operator")
     cfg.max_reconnect_attempts = 0
     if args.strategy_command == "serve":
         return await _serve(args, cfg)

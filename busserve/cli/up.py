@@ -18,6 +18,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible front (0: off)")
     p.add_argument("--nats-port", type=int, default=None, help="port of the embedded server (default: free)")
+    p.add_argument("--insecure", action="store_true",
+                   help="run the embedded nats-server open (no credentials, every client may read every stream); "
+                        "by default each process gets its own identity with the grants of its role")
     p.add_argument("--roles", action="append", default=[], metavar="ROLES",
                    help="roles per engine in order, e.g. --roles prefill --roles decode (default both)")
     p.set_defaults(func=run)

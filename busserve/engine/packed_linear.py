@@ -20,6 +20,7 @@ is never touched.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -82,10 +83,23 @@ def packing_unavailable_reason(model: nn.Module) -> str | None:
     param = next(model.parameters())
     if param.device.type != "cpu":
         return f"weights are on {param.device.type}, packing is for the CPU"
-    if param.dtype not in PACKABLE_DTYPES:
-        return f"dtype {param.dtype} (packing is for bfloat16 / float16)"
+    return dtype_unpackable_reason(param.dtype)
+
+
+@functools.cache
+def dtype_unpackable_reason(dtype: torch.dtype) -> str | None:
+    """None when oneDNN packs and multiplies ``dtype`` weights on this CPU, else why not. Asked of oneDNN itself
+    with a tiny weight: its bf16 path needs AVX512-BW/VL/DQ or AVX-NE-CONVERT, its fp16 path AVX512-FP16 or
+    AVX-NE-CONVERT, and PyTorch builds without oneDNN have neither."""
+    if dtype not in PACKABLE_DTYPES:
+        return f"dtype {dtype} (packing is for bfloat16 / float16)"
     if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return "this PyTorch build has no oneDNN"
+    try:
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 32, dtype=dtype), BATCH_HINT)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 32, dtype=dtype), weight, None, "none", [], "")
+    except RuntimeError as exc:  # e.g. "bf16 path needs the cpu support avx_ne_convert or avx512bw, ..."
+        return f"oneDNN cannot pack {dtype} weights on this CPU ({str(exc).strip().splitlines()[0]})"
     return None
 
 

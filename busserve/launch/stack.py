@@ -26,11 +26,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from busserve.bus.config import BusConfig, clear_up_state, write_up_state
+from busserve.bus.config import BusConfig, clear_up_state, state_dir, write_up_state
 from busserve.bus.embedded import EmbeddedNats, _die_with_parent, free_port
+from busserve.bus.subjects import Subjects
 from busserve.launch.readiness import wait_for_engines
 from busserve.launch.signals import StopFlag
+from busserve.security.server_config import Credentials, authorization_config
 
 ENGINE_READY_TIMEOUT_S = 600.0  # a first start converts the default model (~20 s here); a big model takes longer
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -58,7 +61,7 @@ def _preexec(cpus: list[int] | None) -> Callable[[], None]:
 
 def child_env(config: BusConfig, url: str) -> dict[str, str]:
     """The children's environment: the bus URL and any credentials as BUSSERVE_NATS_* variables."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUSSERVE_NATS_")}
     env["BUSSERVE_NATS_URL"] = url
     for var, value in (("BUSSERVE_NATS_USER", config.user), ("BUSSERVE_NATS_PASSWORD", config.password),
                        ("BUSSERVE_NATS_TOKEN", config.token), ("BUSSERVE_NATS_CREDS", config.creds_file),
@@ -224,31 +227,56 @@ def stop_children(children: list[Child], stop: StopFlag | None = None, drain_gra
                 time.sleep(0.1)
 
 
+def secure_embedded_server(engine_ids: list[str], router_ids: list[str], port: int | None,
+                           subjects: Subjects) -> tuple[EmbeddedNats, Credentials, Path]:
+    """The embedded server with an identity per process and the grants of the roles matrix (no open port to the
+    bus); the credentials go to a 0600 file in the state folder, for the local ``busserve`` commands."""
+    creds = Credentials.for_stack(engine_ids, router_ids)
+    server = EmbeddedNats(port=port, extra_config=authorization_config(list(creds.identities.values()), subjects))
+    path = creds.save(state_dir() / f"credentials-{os.getpid()}.json")
+    return server, creds, path
+
+
 def launch_cluster(args: argparse.Namespace, config: BusConfig) -> int:
     stop = StopFlag()
     server: EmbeddedNats | None = None
+    creds: Credentials | None = None
+    creds_path: Path | None = None
+    engine_ids = [f"e{i}" for i in range(args.engines)]
     if config.servers:
         url = config.servers[0]
-    else:
+    elif getattr(args, "insecure", False):
         server = EmbeddedNats(port=args.nats_port).start()
         url = server.url
         config.servers = [url]
-    print(f"bus: {url}" + (" (embedded nats-server, JetStream on)" if server else ""), flush=True)
-    env = child_env(config, url)
+    else:
+        server, creds, creds_path = secure_embedded_server(engine_ids, ["router-0"], args.nats_port,
+                                                          Subjects(config.subject_prefix))
+        server.start()
+        url = server.url
+        config.servers = [url]
+        config = creds.of_role("operator").bus_config(config)  # how this process itself watches the stack
+    kind = "" if server is None else (" (embedded nats-server, JetStream on, " +
+                                      ("open: --insecure)" if creds is None else "per-role credentials)"))
+    print(f"bus: {url}{kind}", flush=True)
+    base_env = child_env(config, url)
+
+    def env_of(name: str) -> dict[str, str]:
+        return base_env if creds is None else {**base_env, **creds.identities[name].env()}
+
     children: list[Child] = []
     try:
         cores = sorted(os.sched_getaffinity(0))
         shares = core_shares(args.engines, cores)
         roles = args.roles or []
-        for i in range(args.engines):
-            eid = f"e{i}"
+        for i, eid in enumerate(engine_ids):
             role = roles[i] if i < len(roles) else "prefill,decode"
-            child = Child(eid, engine_command(args, eid, len(shares[i]), role), env, shares[i])
+            child = Child(eid, engine_command(args, eid, len(shares[i]), role), env_of(eid), shares[i])
             child.start()
             children.append(child)
             assert child.proc is not None
             print(f"engine {eid}: pid {child.proc.pid}, cores {shares[i]}, roles {role}", flush=True)
-        router = Child("router", router_command(args), env)
+        router = Child("router", router_command(args), env_of("router-0"))
         router.start()
         children.append(router)
         statuses = asyncio.run(wait_for_engines(
@@ -260,7 +288,7 @@ def launch_cluster(args: argparse.Namespace, config: BusConfig) -> int:
         if http:
             wait_for_port(args.http_host, args.http_port, 60.0, alive=lambda: router.running)
         write_up_state({"pid": os.getpid(), "nats_url": url, "http_url": http, "model": model,
-                        "started_at": time.time()})
+                        "started_at": time.time(), "credentials": str(creds_path) if creds_path else ""})
         print(f"ready: {len(statuses)} engine(s) serving {model}" + (f"; OpenAI API at {http}" if http else ""),
               flush=True)
         scrape = [st.metrics_url for st in statuses.values() if st.metrics_url]
@@ -278,6 +306,8 @@ def launch_cluster(args: argparse.Namespace, config: BusConfig) -> int:
     finally:
         stop_children(children, stop, args.drain_grace_s)
         clear_up_state(os.getpid())
+        if creds_path is not None:
+            creds_path.unlink(missing_ok=True)
         if server is not None:
             server.stop()
         print("stopped", flush=True)

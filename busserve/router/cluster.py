@@ -163,15 +163,16 @@ class Engine:
                         transport: Transport | None = None, migration: bool = False) -> PrepRecvReply:
         """Reserve KV for ``prompt[:end]`` here (matching our cached prefix) and park the request. ``migration``:
         a running request moves here; ``end`` may exceed the prompt (room for what it decodes meanwhile)."""
-        req.touched.add(self.id)
-        self._load.assign(req, self.id)
         chosen = transport or self.transport_from(sender)
+        # Built before any bookkeeping: a message that fails its own checks (InvalidField) changes no load.
         msg = PrepRecv(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, end=end,
                        stream_subject=req.stream_subject, sampling=req.sampling, stream=req.stream, model=req.model,
                        lease_s=self._t.lease_s, transport=chosen, label=req.label, output_offset=req.output_offset,
                        write_window_s=self._t.remote_send_s + 60.0, supervisor=req.supervisor,
                        sender_pid=sender.status.pid if sender is not None and chosen == "shm" else 0,
                        migration=migration)
+        req.touched.add(self.id)
+        self._load.assign(req, self.id)
         with sub_request_span("prep_recv", self.id, req.request_id, **{A.RANGE_END: end}) as span:
             reply = await self._bus.request(self._subject("prep_recv"), msg, PrepRecvReply,
                                             timeout_s=self._t.prep_recv_s)

@@ -107,7 +107,8 @@ class Router:
         self.active = ActiveStrategy(self.config.initial_strategy, None, dict(self.config.initial_params))
         self.in_flight: dict[str, Flight] = {}  # by engine-side id of the first attempt
         # Cancels can overtake their request (it may still be tokenizing): remember recent ones (by label).
-        self.cancelled: OrderedDict[str, None] = OrderedDict()
+        self.cancelled: OrderedDict[tuple[str, str], None] = OrderedDict()  # (owner, label), newest last
+        self.refused_reply_to = 0  # requests dropped for a reply subject outside their sender's inbox
         self.completed = 0
         self.failed = 0
         self.resumed = 0
@@ -133,8 +134,10 @@ class Router:
         deadline = time.monotonic() + 1.5
         while not self.view.engines() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self._subs.append(await self.bus.subscribe(s.generate(), self._on_generate, queue=ROUTER_QUEUE))
-        self._subs.append(await self.bus.subscribe(s.cancel(), self._on_cancel))
+        for subject in (s.generate(), s.generate_any_owner()):
+            self._subs.append(await self.bus.subscribe(subject, self._on_generate, queue=ROUTER_QUEUE))
+        for subject in (s.cancel(), s.cancel_any_owner()):
+            self._subs.append(await self.bus.subscribe(subject, self._on_cancel))
         self._subs.append(await self.bus.subscribe(s.control_strategy(), self._on_set_strategy, queue=ROUTER_QUEUE))
         self._spawn(self._heartbeat())
         self._spawn(self.mover.rebalance_forever())
@@ -252,6 +255,13 @@ class Router:
         if not msg.reply:
             log.warning("generate request without a reply subject; dropped")
             return
+        owner = self.bus.subjects.owner_of(msg.subject)
+        if owner and not self.bus.subjects.in_inbox_of(owner, msg.reply):
+            # A stream into someone else's inbox: answering there would be the forgery, so nothing is published.
+            self.refused_reply_to += 1
+            log.warning("generate from %s with reply subject %r outside its inbox %s.>; dropped", owner, msg.reply,
+                        self.bus.subjects.inbox_prefix(owner))
+            return
         ct = request_content_type(msg)
         try:
             gen = codec.decode(msg.data, GenerateRequest, msg.headers)
@@ -267,7 +277,8 @@ class Router:
             await self.bus.publish(msg.reply, exc.to_error(label), content_type=ct, trace=False)
             return
         req.operation = "chat" if gen.messages is not None else "text_completion"
-        flight = Flight(req=req, strategy=self.active.name, cancelled=label in self.cancelled,
+        req.owner = owner
+        flight = Flight(req=req, strategy=self.active.name, cancelled=(owner, label) in self.cancelled,
                         resume_limit=self.config.supervision.resume_limit if gen.resume_limit is None
                         else gen.resume_limit)
         self.in_flight[req.base_id] = flight
@@ -391,7 +402,7 @@ class Router:
         if ended_elsewhere or flight.terminal.is_set():
             flight.accept_engine_ended(None)
             return
-        if flight.cancelled or req.label in self.cancelled:
+        if flight.cancelled or (req.owner, req.label) in self.cancelled:
             await flight.end(self.bus, Final(request_id=req.label, finish_reason="cancelled"))
         else:
             await flight.end(self.bus, error)
@@ -401,21 +412,26 @@ class Router:
         self.telemetry.on_resume(flight, lost)
 
     async def _on_cancel(self, msg: Msg) -> None:
-        """A client's cancel names its own id (the label). Engines get the same Cancel and end a running request
-        there (Final(cancelled)); a request still being routed ends here once its strategy's next action fails."""
+        """A client's cancel names its own id (the label), and counts only for requests it sent (the owner in the
+        subject). The engine running the request hears it from here, by the router's id for it, and ends it with
+        Final(cancelled); a request still being routed ends here once its strategy's next action fails."""
         try:
             cancel = codec.decode(msg.data, Cancel, msg.headers)
         except MalformedMessage:
             return
-        self.cancelled[cancel.request_id] = None
+        owner = self.bus.subjects.owner_of(msg.subject)
+        self.cancelled[(owner, cancel.request_id)] = None
         while len(self.cancelled) > 10_000:
             self.cancelled.popitem(last=False)
         for flight in list(self.in_flight.values()):
-            if flight.req.label != cancel.request_id:
+            if flight.req.label != cancel.request_id or flight.req.owner != owner:
                 continue
             flight.cancelled = True
             if flight.state in (State.ROUTING, State.RESUMING, State.ADMITTED):
                 self._spawn(release(self.view, flight.req, "cancelled"))
+            else:
+                self._spawn(self.bus.publish(self.bus.subjects.cancel(), Cancel(request_id=flight.req.request_id,
+                                                                                reason=cancel.reason)))
 
     # ------------------------------------------------------------------ status
 

@@ -14,6 +14,7 @@ from busserve.engine.main import EngineOptions, build_core
 from busserve.engine.model_loader import LoadedModel
 from busserve.engine.packed_linear import (
     PackedLinear,
+    dtype_unpackable_reason,
     maybe_pack,
     pack_linear_layers,
     packing_unavailable_reason,
@@ -21,11 +22,18 @@ from busserve.engine.packed_linear import (
 )
 from tests.helpers import CoreHarness, greedy
 
-needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+def _needs_packing(dtype: torch.dtype) -> pytest.MarkDecorator:
+    """Skip where oneDNN cannot pack ``dtype`` here (no oneDNN in the build, or a CPU without the ISA it needs)."""
+    reason = dtype_unpackable_reason(dtype)
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
 
 
-@needs_onednn
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+needs_bf16_packing = _needs_packing(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=_needs_packing(d), id=str(d))
+                                   for d in (torch.bfloat16, torch.float16)])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_packed_product_is_bit_identical_to_f_linear(dtype: torch.dtype, bias: bool) -> None:
     torch.manual_seed(0)
@@ -39,7 +47,7 @@ def test_packed_product_is_bit_identical_to_f_linear(dtype: torch.dtype, bias: b
     assert torch.equal(packed(x), F.linear(x, linear.weight, linear.bias))
 
 
-@needs_onednn
+@needs_bf16_packing
 @torch.inference_mode()
 def test_packing_a_model_keeps_its_logits_and_its_parameters(tiny_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
@@ -59,7 +67,7 @@ def test_packing_a_model_keeps_its_logits_and_its_parameters(tiny_dir: Path) -> 
     assert pack_linear_layers(packed) == 0  # packing twice is a no-op
 
 
-@needs_onednn
+@needs_bf16_packing
 def test_a_tied_output_projection_gets_its_own_packed_copy() -> None:
     class Tied(nn.Module):
         def __init__(self) -> None:
@@ -89,7 +97,20 @@ def test_packing_is_skipped_where_it_does_not_apply() -> None:
         maybe_pack(bf16, "fast")
 
 
-@needs_onednn
+def test_a_cpu_that_cannot_pack_a_dtype_serves_it_unpacked() -> None:
+    """oneDNN's own answer decides: where it cannot pack bf16 (no AVX512-BW/VL/DQ nor AVX-NE-CONVERT), the model
+    keeps ``nn.Linear`` and the reason names the CPU; where it can, the layers are packed."""
+    bf16 = nn.Sequential(nn.Linear(32, 8, dtype=torch.bfloat16))
+    reason = packing_unavailable_reason(bf16)
+    assert reason == dtype_unpackable_reason(torch.bfloat16)
+    if reason is None:
+        assert maybe_pack(bf16, "onednn") == 1 and isinstance(bf16[0], PackedLinear)
+    else:
+        assert "this CPU" in reason or "oneDNN" in reason
+        assert maybe_pack(bf16, "onednn") == 0 and type(bf16[0]) is nn.Linear
+
+
+@needs_bf16_packing
 @pytest.mark.slow
 def test_an_engine_with_packed_weights_generates_what_an_unpacked_one_does(smol: LoadedModel) -> None:
     """The real model in bf16, built the way `busserve engine` builds it, with and without packing."""

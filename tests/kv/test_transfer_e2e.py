@@ -27,6 +27,7 @@ from busserve.messages import (
     Error,
     Final,
     GenerateRequest,
+    InvalidField,
     PrepRecv,
     PrepRecvReply,
     RemoteSend,
@@ -188,8 +189,15 @@ async def test_bad_sub_requests_get_clear_errors_and_leak_nothing(tiny_pair: Pro
         await _expect_error(b.start_generate(Request(request_id="never-seen", prompt_token_ids=prompt,
                                                      stream_subject="x", sampling=req.sampling), begin=0),
                             "unknown_request")
-        # end beyond the prompt
-        await _expect_error(b.prep_recv(req, end=41), "invalid_request", "end")
+        # end beyond the prompt: the client refuses to build it, and the engine refuses one sent anyway
+        with pytest.raises(InvalidField, match="beyond the prompt") as bad_end:
+            await b.prep_recv(req, end=41)
+        assert bad_end.value.field == "end"
+        forged_end = PrepRecv(request_id="bad-0", prompt_token_ids=prompt, end=41, stream_subject="_INBOX.nobody",
+                              migration=True)
+        forged_end.migration = False  # past the constructor's check, as a non-Python client could send it
+        await _expect_error(bus.request(bus.subjects.engine_action("B", "prep_recv"), forged_end, PrepRecvReply,
+                                        timeout_s=10), "invalid_request", "end")
         recv = await b.prep_recv(req, end=30, transport="shm")
         # duplicate prep_recv
         await _expect_error(b.prep_recv(req, end=30), "conflict")
