@@ -1,10 +1,13 @@
-"""The nats-server configs in ops/ are valid, and the secured one works end to end with TLS and passwords."""
+"""The nats-server configs in ops/ are valid, and the one `busserve security init --tls` writes works end to end
+(TLS, per-identity passwords, the grants of the roles matrix)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from busserve.bus.config import BusConfig
 from busserve.bus.embedded import free_port, nats_server_binary
 from busserve.errors import NoResponders
 from busserve.messages import Ack, Cancel
+from busserve.security.server_config import Credentials
 
 OPS = Path(__file__).resolve().parent.parent / "ops" / "nats"
 
@@ -30,53 +34,63 @@ def test_dev_and_cluster_configs_are_valid() -> None:
     assert out.returncode == 0, out.stderr
 
 
-def _make_certs(d: Path) -> None:
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-        "-subj", "/CN=busserve-test-ca")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server-key.pem", "-out", "server.csr",
-        "-subj", "/CN=localhost")
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "1", "-extfile", "san.ext")
-
-
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 @pytest.mark.asyncio
-async def test_secured_config_with_tls_and_passwords(tmp_path: Path) -> None:
-    _make_certs(tmp_path)
+async def test_security_init_gives_a_working_tls_deployment(tmp_path: Path) -> None:
+    """`busserve security init --tls`: the server config it writes starts; a client with the CA and its password
+    connects over TLS and may send requests but not read others' inboxes; a wrong password and a client that does
+    not trust the CA are refused."""
     port = free_port()
-    env = {**os.environ, "PORT": str(port), "TLS_CERT": str(tmp_path / "server.pem"),
-           "TLS_KEY": str(tmp_path / "server-key.pem"), "TLS_CA": str(tmp_path / "ca.pem"),
-           "STORE_DIR": str(tmp_path / "js"), "ENGINE_PASSWORD": "e-secret", "ROUTER_PASSWORD": "r-secret",
-           "CLIENT_PASSWORD": "c-secret"}
-    proc = subprocess.Popen([str(nats_server_binary()), "-c", str(OPS / "secured.conf")], env=env,
+    out = subprocess.run([sys.executable, "-m", "busserve.cli", "security", "init", str(tmp_path), "--tls",
+                          "--port", str(port), "--engine", "e0", "--client", "alice"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in ("credentials.json", "nats-server.conf", "server-key.pem", "ca-key.pem"):
+        assert (tmp_path / name).stat().st_mode & 0o077 == 0, name
+    assert _check_file(tmp_path / "nats-server.conf").returncode == 0
+    creds = Credentials.load(tmp_path / "credentials.json")
+    proc = subprocess.Popen([str(nats_server_binary()), "-c", str(tmp_path / "nats-server.conf")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"tls://127.0.0.1:{port}"
-        base = dict(servers=[url], tls_ca=str(tmp_path / "ca.pem"), max_reconnect_attempts=0)
+        base = BusConfig(servers=[url], tls_ca=str(tmp_path / "ca.pem"), max_reconnect_attempts=0)
         deadline = time.monotonic() + 10
         engine = None
         while engine is None:
             try:
-                engine = await Bus.connect(BusConfig(user="engine", password="e-secret", **base), name="t-engine")
+                engine = await Bus.connect(creds.identities["e0"].bus_config(base), name="t-engine")
             except ConnectionError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        client = await Bus.connect(BusConfig(user="client", password="c-secret", **base), name="t-client")
-        # The client may send requests; nobody serves them here, which it learns at once.
+        client = await Bus.connect(creds.identities["alice"].bus_config(base), name="t-client")
+        # The client may send requests under its name; nobody serves them here, which it learns at once.
         with pytest.raises(NoResponders):
-            await client.request(client.subjects.cancel(), Cancel(request_id="x"), Ack, timeout_s=2)
-        with pytest.raises(ConnectionError):
-            await Bus.connect(BusConfig(user="client", password="wrong", **base), name="t-bad")
+            await client.request(client.subjects.cancel("alice"), Cancel(request_id="x"), Ack, timeout_s=2)
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        client.nc._error_cb = on_error  # type: ignore[attr-defined]
+        await client.nc.subscribe("_INBOX.>")
+        await client.nc.flush()
+        await asyncio.sleep(0.3)
+        assert any("permissions violation" in e for e in errors), errors
+        wrong = BusConfig(**{**base.__dict__, "user": "alice", "password": "wrong", "connect_attempts": 1})
+        with pytest.raises(ConnectionError, match="refused"):
+            await Bus.connect(wrong, name="t-bad")
         with pytest.raises(ConnectionError):  # no CA: the server's certificate is not trusted
-            await Bus.connect(BusConfig(servers=[url], user="client", password="c-secret", connect_timeout_s=1.0,
-                                        connect_attempts=1), name="t-notls")
+            untrusting = creds.identities["alice"].bus_config(BusConfig(servers=[url], connect_timeout_s=1.0,
+                                                                        connect_attempts=1))
+            await Bus.connect(untrusting, name="t-notls")
         await client.close()
         await engine.close()
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _check_file(conf: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(nats_server_binary()), "-t", "-c", str(conf)], capture_output=True, text=True,
+                          timeout=30)

@@ -18,6 +18,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible front (0: off)")
     p.add_argument("--nats-port", type=int, default=None, help="port of the embedded server (default: free)")
+    p.add_argument("--api-keys-file", default=None, metavar="FILE",
+                   help="API keys of the HTTP front (see `busserve router --help`; BUSSERVE_API_KEYS works too)")
+    p.add_argument("--rate-limit", type=float, default=0.0, metavar="REQ_PER_S", help="per key; 429 over it")
+    p.add_argument("--max-concurrent", type=int, default=0, help="requests in progress per key; 429 over it")
     p.add_argument("--insecure", action="store_true",
                    help="run the embedded nats-server open (no credentials, every client may read every stream); "
                         "by default each process gets its own identity with the grants of its role")

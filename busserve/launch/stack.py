@@ -94,6 +94,12 @@ def router_command(args: argparse.Namespace) -> list[str]:
            "--strategy", args.strategy, "--http-host", args.http_host, "--http-port", str(args.http_port)]
     for p in args.param:
         cmd += ["--param", p]
+    if getattr(args, "api_keys_file", None):
+        cmd += ["--api-keys-file", os.path.abspath(args.api_keys_file)]
+    if getattr(args, "rate_limit", 0):
+        cmd += ["--rate-limit", str(args.rate_limit)]
+    if getattr(args, "max_concurrent", 0):
+        cmd += ["--max-concurrent", str(args.max_concurrent)]
 
     if args.model:
         cmd += ["--tokenizer", args.model]

@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -47,6 +47,10 @@ RETRY_AFTER_S = 1  # what a 429 or 503 tells a client to wait before trying agai
 ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error",
               413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 STALE_S = 3.5  # a heartbeat older than this is a process gone
+HEADERS_AFTER_S = 0.5  # a stream with no first event by then gets its headers and keep-alives meanwhile
+KEEPALIVE_S = 10.0
+KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class BadRequest(Exception):
@@ -237,8 +241,21 @@ class Front:
         except BadRequest as exc:
             return error_response("invalid_request", str(exc), exc.param)
         stream = self.bus.generate(gen, first_event_timeout_s=self.first_event_timeout_s)
+        model = body.get("model") or next((st.model for st in self.live_engines()), "")
+        meta = {"id": ("chatcmpl-" if chat else "cmpl-") + (gen.request_id or ""), "created": int(time.time()),
+                "model": model}
+        first_task = asyncio.ensure_future(anext(stream))
+        if body.get("stream"):
+            # A refusal that comes at once (overloaded, unknown model) keeps its HTTP status; a request that waits
+            # longer (queued, a long prefill) gets its headers now and keep-alive comments until its first token,
+            # so proxies and clients do not time it out.
+            done, _ = await asyncio.wait({first_task}, timeout=HEADERS_AFTER_S)
+            if not done:
+                return StreamingResponse(self._sse_after_wait(first_task, stream, meta, chat,
+                                                              gen.stream.include_usage),
+                                         media_type="text/event-stream", headers=SSE_HEADERS)
         try:
-            first = await anext(stream)
+            first = await first_task
         except (BusserveError, StopAsyncIteration) as exc:
             await stream.aclose()
             code = exc.code if isinstance(exc, BusserveError) else "internal"
@@ -246,13 +263,34 @@ class Front:
         if isinstance(first, Error):
             await stream.aclose()
             return error_response(first.code, first.message, first.field)
-        model = body.get("model") or next((st.model for st in self.live_engines()), "")
-        meta = {"id": ("chatcmpl-" if chat else "cmpl-") + (gen.request_id or ""), "created": int(time.time()),
-                "model": model}
         if body.get("stream"):
             return StreamingResponse(self._sse(first, stream, meta, chat, gen.stream.include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
         return await self._whole(first, stream, meta, chat)
+
+    async def _sse_after_wait(self, first_task: asyncio.Future[StreamEvent], stream: AsyncIterator[StreamEvent],
+                              meta: dict[str, Any], chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+        try:
+            yield KEEPALIVE
+            while True:
+                done, _ = await asyncio.wait({first_task}, timeout=KEEPALIVE_S)
+                if done:
+                    break
+                yield KEEPALIVE
+            try:
+                first = first_task.result()
+            except (BusserveError, StopAsyncIteration) as exc:
+                code = exc.code if isinstance(exc, BusserveError) else "internal"
+                yield _event({"error": {"message": str(exc) or "no response", "code": code, "param": None,
+                                        "type": ERROR_TYPE.get(HTTP_STATUS.get(code, 500), "server_error")}})
+                yield b"data: [DONE]\n\n"
+                return
+        except BaseException:
+            first_task.cancel()
+            await stream.aclose()  # the client went away while waiting: cancel the request
+            raise
+        async for part in self._sse(first, stream, meta, chat, include_usage):
+            yield part
 
     async def _whole(self, first: StreamEvent, stream: AsyncIterator[StreamEvent], meta: dict[str, Any],
                      chat: bool) -> Response:
@@ -350,25 +388,42 @@ def metrics_route(registry: Any) -> Route:
     return Route("/metrics", metrics, methods=["GET"])
 
 
-def create_app(front: Front) -> Starlette:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own refusals (no such path, wrong method) as OpenAI-shaped JSON too."""
+    status = getattr(exc, "status_code", 500)
+    message = (f"no route {request.method} {request.url.path}" if status == 404 else
+               f"{request.method} is not allowed on {request.url.path}" if status == 405 else str(exc))
+    body = {"error": {"message": message, "type": "not_found_error" if status == 404 else "invalid_request_error",
+                      "param": None, "code": "not_found" if status == 404 else "method_not_allowed"}}
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(front: Front, extra_routes: list[Route] | None = None) -> Starlette:
     routes = [
         Route("/health", front.health, methods=["GET"]),
         Route("/v1/models", front.models, methods=["GET"]),
         Route("/v1/chat/completions", front.chat, methods=["POST"]),
         Route("/v1/completions", front.completions, methods=["POST"]),
+        *(extra_routes or []),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={404: _http_error, 405: _http_error})
 
 
-async def serve_http(front: Front, host: str, port: int, extra_routes: list[Route] | None = None) -> Any:
-    """Run the app on uvicorn inside the current event loop; returns the uvicorn Server (call ``should_exit``)."""
+async def serve_http(front: Front, host: str, port: int, extra_routes: list[Route] | None = None,
+                     guard: Callable[[Any], Any] | None = None) -> Any:
+    """Run the app on uvicorn inside the current event loop; returns the uvicorn Server (call ``should_exit``).
+    ``guard``: wraps the app (``http_guard.Guard``: keys and limits)."""
+    app: Any = create_app(front, extra_routes)
+    if guard is not None:
+        app = guard(app)
+    return await serve_asgi(app, host, port, "http-front")
+
+
+async def serve_asgi(app: Any, host: str, port: int, name: str) -> Any:
     import uvicorn
 
-    app = create_app(front)
-    for r in extra_routes or []:
-        app.router.routes.append(r)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(), name="http-front")
+    task = asyncio.create_task(server.serve(), name=name)
     while not server.started:
         if task.done():
             task.result()  # raises the bind error
