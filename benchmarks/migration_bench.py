@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from busserve.bench.metrics import percentile
 from busserve.bus.client import Bus
 from busserve.messages import SamplingParams, StreamOptions, StreamStatus, TokenChunk
 from busserve.router.cluster import ClusterView
@@ -38,11 +39,6 @@ from busserve.router.lifecycle import Flight, State
 from busserve.router.migration import migrate
 from busserve.router.request import Request
 from busserve.testing import ProcessCluster, Stream, Wire, live_view
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
 
 
 def memcpy_gb_s() -> float:
@@ -158,13 +154,13 @@ async def run_transport(args: argparse.Namespace, transport: str, tokenizer) -> 
                     out.append(r)
                     live_p = [m["pause_s"] * 1e3 for m in r["live"]]
                     rec_p = [m["pause_s"] * 1e3 for m in r["recompute"]]
-                    print(f"{transport:>4} {length:>5} tokens: live pause p50 {percentile(live_p, .5):7.1f} ms "
+                    print(f"{transport:>4} {length:>5} tokens: live pause p50 {percentile(live_p, 50):7.1f} ms "
                           f"max {max(live_p):7.1f} ms (ITL {statistics.mean(m['itl_s'] for m in r['live']) * 1e3:.1f},"
                           f" router {statistics.mean(m['router_pause_s'] for m in r['live']) * 1e3:.1f}), total p50 "
-                          f"{percentile([m['total_s'] for m in r['live']], .5) * 1e3:7.1f} ms, "
+                          f"{percentile([m['total_s'] for m in r['live']], 50) * 1e3:7.1f} ms, "
                           f"{statistics.mean(m['rounds'] for m in r['live']):.1f} rounds, "
                           f"{statistics.mean(m['bytes'] for m in r['live']) / 2**20:.1f} MiB | recompute pause "
-                          f"p50 {percentile(rec_p, .5):7.1f} ms", flush=True)
+                          f"p50 {percentile(rec_p, 50):7.1f} ms", flush=True)
             return out
         finally:
             await bus.close()
@@ -195,8 +191,8 @@ def main() -> int:
             lp = [m["pause_s"] * 1e3 for m in r["live"]]
             lt = [m["total_s"] * 1e3 for m in r["live"]]
             rp = [m["pause_s"] * 1e3 for m in r["recompute"]]
-            print(f"{t:>4} {r['context']:>6} | {percentile(lp, .5):6.1f} / {percentile(lp, .99):6.1f} | "
-                  f"{percentile(lt, .5):7.1f} | {percentile(rp, .5):8.1f} | {percentile(rp, .5) / percentile(lt, .5):5.1f}×")
+            print(f"{t:>4} {r['context']:>6} | {percentile(lp, 50):6.1f} / {percentile(lp, 99):6.1f} | "
+                  f"{percentile(lt, 50):7.1f} | {percentile(rp, 50):8.1f} | {percentile(rp, 50) / percentile(lt, 50):5.1f}×")
     return 0
 
 

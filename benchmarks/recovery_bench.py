@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from busserve.bench.metrics import percentile
 from busserve.bus.client import Bus
 from busserve.messages import Final, StreamStatus
 from busserve.testing import ProcessCluster, Wire
@@ -31,11 +32,6 @@ from busserve.testing import ProcessCluster, Wire
 def owner(stream) -> str | None:  # type: ignore[no-untyped-def]
     engines = [e.owner for _, e in stream.events if isinstance(e, StreamStatus) and e.owner_kind == "engine"]
     return engines[-1] if engines else None
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
 
 
 async def one_run(args: argparse.Namespace, cluster: ProcessCluster, tokenizer) -> dict:  # type: ignore[no-untyped-def]
@@ -105,7 +101,7 @@ def main() -> int:
     done = sum(r["completed"] for r in runs)
     total = sum(r["streams"] for r in runs)
     summary = {"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args), "runs": runs,
-               "recovery_p50_s": percentile(waits, 0.5), "recovery_p99_s": percentile(waits, 0.99),
+               "recovery_p50_s": percentile(waits, 50), "recovery_p99_s": percentile(waits, 99),
                "recovery_max_s": max(waits) if waits else None, "completed": done, "requests": total,
                "tok_s_before_mean": statistics.mean(r["tok_s_before"] for r in runs),
                "tok_s_after_mean": statistics.mean(r["tok_s_after"] for r in runs)}

@@ -26,15 +26,12 @@ import sys
 import time
 from pathlib import Path
 
+from busserve.bench.metrics import percentile
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
 from busserve.messages import Final
+from busserve.security.server_config import stack_identity_config
 from busserve.testing import Wire
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
 
 
 def wait_for(log: Path, text: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> float:
@@ -46,8 +43,8 @@ def wait_for(log: Path, text: str, timeout_s: float, proc: subprocess.Popen[byte
     return time.monotonic()
 
 
-async def drive(args: argparse.Namespace, url: str, proc: subprocess.Popen[bytes], log: Path, tokenizer) -> dict:  # type: ignore[no-untyped-def]
-    bus = await Bus.connect(BusConfig(servers=[url]), name="rolling-restart-bench")
+async def drive(args: argparse.Namespace, cfg: BusConfig, proc: subprocess.Popen[bytes], log: Path, tokenizer) -> dict:  # type: ignore[no-untyped-def]
+    bus = await Bus.connect(cfg, name="rolling-restart-bench")
     rng = random.Random(7)
     topics = ["a lighthouse", "the moon", "a river", "bread", "a violin", "winter", "bees", "a library"]
     try:
@@ -90,8 +87,8 @@ async def drive(args: argparse.Namespace, url: str, proc: subprocess.Popen[bytes
                 elif b <= done_at:
                     itl["during"].append(b - a)
         return {"requests": len(wire.streams), "failed": failed, "restart_s": done_at - hup_at,
-                "itl_before_p50": percentile(itl["before"], 0.5), "itl_before_p99": percentile(itl["before"], 0.99),
-                "itl_during_p50": percentile(itl["during"], 0.5), "itl_during_p99": percentile(itl["during"], 0.99),
+                "itl_before_p50": percentile(itl["before"], 50), "itl_before_p99": percentile(itl["before"], 99),
+                "itl_during_p50": percentile(itl["during"], 50), "itl_during_p99": percentile(itl["during"], 99),
                 "itl_during_max": max(itl["during"], default=float("nan"))}
     finally:
         await bus.close()
@@ -118,9 +115,10 @@ def main() -> int:
                                 stderr=subprocess.STDOUT, env=env)
     try:
         wait_for(log, "ready:", 600, proc)
-        url = json.loads((state / "up.json").read_text())["nats_url"]
+        up_state = json.loads((state / "up.json").read_text())
+        cfg = stack_identity_config(up_state, "client", BusConfig(servers=[up_state["nats_url"]]))
         time.sleep(1.5)
-        result = asyncio.run(drive(args, url, proc, log, tokenizer))
+        result = asyncio.run(drive(args, cfg, proc, log, tokenizer))
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -86,11 +86,29 @@ class SamplingParams(_Msg, tag="sampling"):
     )
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=64)] = field(default_factory=list)
     ignore_eos: bool = False
+    # Penalties on the logits, before temperature (the OpenAI and vLLM definitions): presence and frequency count
+    # the output so far; repetition (HF / vLLM: divide positive logits, multiply negative ones) counts prompt and
+    # output. 0, 0 and 1 leave the logits alone.
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] = 1.0
+    # No end of sequence (EOS or stop_token_ids) before this many output tokens.
+    min_tokens: Annotated[int, Meta(ge=0, le=MAX_PROMPT_TOKENS)] = 0
+    # Added to the logits of these token ids (OpenAI: -100 bans a token, 100 forces it).
+    logit_bias: Annotated[dict[TokenId, Annotated[float, Meta(ge=-100.0, le=100.0)]], Meta(max_length=1024)] = (
+        field(default_factory=dict)
+    )
 
     def __post_init__(self) -> None:
         _finite("temperature", self.temperature)
         _finite("top_p", self.top_p)
         _finite("min_p", self.min_p)
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            _finite(name, getattr(self, name))
+        for tok, bias in self.logit_bias.items():
+            _finite(f"logit_bias[{tok}]", bias)
+        if self.min_tokens > self.max_tokens:
+            raise InvalidField("min_tokens", f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
 
 
 class StreamOptions(_Msg, tag="stream_options"):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from busserve.errors import BusserveError
-from busserve.messages import ErrorCode, GenerateRequest
+from busserve.messages import ErrorCode, GenerateRequest, SamplingParams
 
 
 class RequestRejected(BusserveError):
@@ -58,3 +58,16 @@ def prompt_token_ids(tokenizer: Any, req: GenerateRequest) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     assert req.prompt is not None
     return list(tokenizer(req.prompt)["input_ids"])
+
+
+def check_sampling_token_ids(tokenizer: Any, sampling: SamplingParams) -> None:
+    """Token ids in the sampling settings (``stop_token_ids``, ``logit_bias``) must be in the vocabulary."""
+    vocab = vocab_size(tokenizer)
+    for i, t in enumerate(sampling.stop_token_ids):
+        if t >= vocab:
+            raise RequestRejected("invalid_request", f"token id {t} is outside the vocabulary (size {vocab})",
+                                  field=f"stop_token_ids[{i}]")
+    for t in sampling.logit_bias:
+        if t >= vocab:
+            raise RequestRejected("invalid_request", f"token id {t} is outside the vocabulary (size {vocab})",
+                                  field=f"logit_bias[{t}]")

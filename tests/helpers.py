@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
@@ -170,3 +171,28 @@ async def wait_idle_no_leaks(bus: Any, ids: set[str], timeout_s: float = 30.0) -
                 clean.discard(st.engine_id)
     finally:
         await sub.unsubscribe()
+
+
+async def asgi_call(app: Any, path: str = "/v1/completions", key: str | None = None, body: bytes = b"{}",
+                    chunks: int = 1, declare: bool = True, method: str = "POST") -> tuple[int, dict[str, str], dict[str, Any]]:
+    """One HTTP request through an ASGI app, as real ASGI messages: (status, headers, the JSON body)."""
+    headers = [(b"content-type", b"application/json")]
+    if key is not None:
+        headers.append((b"authorization", f"Bearer {key}".encode()))
+    if declare:
+        headers.append((b"content-length", str(len(body)).encode()))
+    parts = [body[i * len(body) // chunks:(i + 1) * len(body) // chunks] for i in range(chunks)]
+    inbox = [{"type": "http.request", "body": p, "more_body": i < chunks - 1} for i, p in enumerate(parts)]
+    out: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return inbox.pop(0) if inbox else {"type": "http.disconnect"}
+
+    async def send(msg: dict[str, Any]) -> None:
+        out.append(msg)
+
+    await app({"type": "http", "path": path, "method": method, "headers": headers, "query_string": b"",
+               "scheme": "http", "server": ("test", 80), "root_path": ""}, receive, send)
+    start = out[0]
+    payload = b"".join(m.get("body", b"") for m in out[1:])
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, json.loads(payload or b"null")

@@ -118,6 +118,42 @@ def test_busserve_generate_finds_the_cluster(up: Up) -> None:
     assert "Paris" in out.stdout
 
 
+def test_sampling_parameters_and_tokenizer_endpoints(up: Up, client: openai.OpenAI) -> None:
+    """Parameters the front implements change the output (a forced token), those it does not are refused by
+    name, and /tokenize, /detokenize, /v1/models/{id}, /version answer as vLLM's do."""
+    import json
+    import urllib.request
+
+    base = up[0].removesuffix("/v1")
+
+    def post(path: str, body: dict[str, object]) -> dict[str, object]:
+        req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read())  # type: ignore[no-any-return]
+
+    ids = post("/tokenize", {"prompt": " banana", "add_special_tokens": False})["tokens"]
+    assert isinstance(ids, list) and len(ids) == 1
+    out = client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=3, temperature=0,
+                                         logit_bias={str(ids[0]): 100},
+                                         messages=[{"role": "user", "content": "Name a city."}])
+    assert out.choices[0].message.content == post("/detokenize", {"tokens": ids * 3})["prompt"] == " banana" * 3
+    chat = post("/tokenize", {"messages": [{"role": "user", "content": "Hi"}]})
+    assert chat["count"] == len(chat["tokens"]) > 3  # type: ignore[arg-type]
+    out2 = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=8,
+                                     temperature=0, frequency_penalty=2.0, presence_penalty=1.0,
+                                     extra_body={"min_tokens": 8, "repetition_penalty": 1.2})
+    assert out2.usage is not None and out2.usage.completion_tokens == 8
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=2, n=2)
+    assert "n=2" in str(refused.value)
+    assert client.models.retrieve("SmolLM2-135M-Instruct").id == "SmolLM2-135M-Instruct"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    with urllib.request.urlopen(base + "/version", timeout=10) as resp:
+        assert json.loads(resp.read())["version"]
+
+
 def test_the_default_stack_is_secured(up: Up) -> None:
     """No anonymous access, the local client identity cannot read cluster state or others' inboxes, the operator's
     commands work, and no password is on any child's command line."""

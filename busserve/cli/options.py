@@ -4,11 +4,10 @@ module (they import this; this imports none of them)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from busserve.bus.config import BusConfig, read_up_state
 from busserve.security.roles import Role
-from busserve.security.server_config import Credentials
+from busserve.security.server_config import stack_identity_config
 
 
 def add_bus_args(p: argparse.ArgumentParser) -> None:
@@ -35,9 +34,9 @@ def bus_config(args: argparse.Namespace, role: Role | None = None) -> BusConfig:
     cfg = _from_flags(args, servers)
     if role is not None and not cfg.servers and not (cfg.user or cfg.token or cfg.creds_file or cfg.nkeys_seed_file):
         state = read_up_state()
-        if state and state.get("credentials"):
+        if state:
             try:
-                return Credentials.load(Path(state["credentials"])).of_role(role).bus_config(cfg)
+                return stack_identity_config(state, role, cfg)
             except (OSError, ValueError, KeyError) as exc:
                 raise SystemExit(f"cannot read the credentials of the running `busserve up` ({exc})") from exc
     return cfg

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace, subjects: Any) -> int:
+    from busserve.security.dev_tls import write_dev_tls
     from busserve.security.server_config import Credentials, authorization_config
 
     out = Path(args.dir)
@@ -58,7 +57,7 @@ def _init(args: argparse.Namespace, subjects: Any) -> int:
     lines = [f'listen: "{args.host}:{args.port}"', "max_payload: 8MB", "max_pending: 256MB",
              f'jetstream {{ store_dir: "{(out / "jetstream").resolve().as_posix()}" }}']
     if args.tls:
-        _write_tls(out, args.tls_host or ["localhost", "127.0.0.1"])
+        write_dev_tls(out, args.tls_host or ["localhost", "127.0.0.1"])
         lines.append(f'tls {{ cert_file: "{(out / "server.pem").resolve()}", '
                      f'key_file: "{(out / "server-key.pem").resolve()}", ca_file: "{(out / "ca.pem").resolve()}" }}')
     conf = out / "nats-server.conf"
@@ -69,23 +68,3 @@ def _init(args: argparse.Namespace, subjects: Any) -> int:
           f"{', '.join(f'{i.name} ({i.role})' for i in creds.identities.values())})")
     print("each process reads its identity from BUSSERVE_NATS_USER / BUSSERVE_NATS_PASSWORD (never a flag)")
     return 0
-
-
-def _write_tls(out: Path, hosts: list[str]) -> None:
-    """A CA and a server certificate signed by it, for a development deployment (not a PKI)."""
-    if shutil.which("openssl") is None:
-        raise SystemExit("--tls needs the openssl command")
-
-    def run(*argv: str) -> None:
-        subprocess.run(["openssl", *argv], cwd=out, check=True, capture_output=True, timeout=120)
-
-    san = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() or ":" in h else f"DNS:{h}" for h in hosts)
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "365",
-        "-subj", "/CN=busserve-dev-ca")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server-key.pem", "-out", "server.csr",
-        "-subj", f"/CN={hosts[0]}")
-    (out / "san.ext").write_text(f"subjectAltName={san}\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
-        "-out", "server.pem", "-days", "365", "-extfile", "san.ext")
-    for key in ("ca-key.pem", "server-key.pem"):
-        os.chmod(out / key, 0o600)

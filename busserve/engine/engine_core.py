@@ -46,6 +46,8 @@ from busserve.engine.requests import (
     gen_ctx,
 )
 from busserve.engine.runner import ModelRunner, kv_layout_for
+from busserve.engine.logits_processing import LogitsSettings, Row
+from busserve.engine.logits_processing import process as process_logits
 from busserve.engine.sampler import SamplingState, sample
 from busserve.engine.scheduler import DuplicateRequest, NeverFits, Scheduler, SchedulerConfig
 from busserve.engine.sequence import SeqKind, SeqStatus, Sequence
@@ -227,7 +229,11 @@ class EngineCore:
             self.protocol.after_step(sends)
             if self.protocol.migrations.active:
                 self.protocol.migrations.advance()
-            tokens = sample(logits, [gen_ctx(s).sampling for s in sample_seqs])
+            ctxs = [gen_ctx(s) for s in sample_seqs]
+            logits = process_logits(logits, [
+                Row(c.logits, s.token_ids, len(s.token_ids) - c.output_offset - s.num_output)
+                for s, c in zip(sample_seqs, ctxs, strict=True)])
+            tokens = sample(logits, [c.sampling for c in ctxs])
             for seq, tok in zip(sample_seqs, tokens, strict=True):
                 self._append_token(seq, tok, out)
             self.counters.steps += 1
@@ -319,9 +325,15 @@ class EngineCore:
         if state.generator is not None and output_offset:
             # A resumed seeded request draws from a stream of its own (the original engine's state is gone).
             state.generator.manual_seed((sampling.seed or 0) + output_offset)
+        ends = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.outputs.eos_token_ids))
+        logits = LogitsSettings(presence_penalty=sampling.presence_penalty,
+                                frequency_penalty=sampling.frequency_penalty,
+                                repetition_penalty=sampling.repetition_penalty, min_tokens=sampling.min_tokens,
+                                logit_bias=tuple(sorted(sampling.logit_bias.items())),
+                                end_token_ids=tuple(sorted(ends)))
         return GenerateCtx(
             stream_subject=stream_subject, content_type=content_type, include_usage=include_usage,
-            sampling=state, max_tokens=sampling.max_tokens, stop_token_ids=frozenset(sampling.stop_token_ids),
+            sampling=state, logits=logits, max_tokens=sampling.max_tokens, stop_token_ids=frozenset(sampling.stop_token_ids),
             ignore_eos=sampling.ignore_eos, detok=detok, trace=trace, label=label, supervisor=supervisor,
             output_offset=output_offset,
         )

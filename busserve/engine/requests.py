@@ -17,6 +17,7 @@ from typing import Any
 
 from busserve.bus.codec import ContentType
 from busserve.engine.detokenizer import Detokenizer
+from busserve.engine.logits_processing import LogitsSettings
 from busserve.engine.sampler import SamplingState
 from busserve.engine.sequence import Sequence
 from busserve.kv.transfer.base import KVWriter
@@ -44,6 +45,7 @@ class GenerateCtx:
     content_type: ContentType
     include_usage: bool
     sampling: SamplingState
+    logits: LogitsSettings  # penalties, logit_bias, min_tokens (logits_processing)
     max_tokens: int  # output tokens in all, resumed ones included
     stop_token_ids: frozenset[int]
     ignore_eos: bool

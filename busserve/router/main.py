@@ -56,7 +56,7 @@ async def serve(bus_config: BusConfig, config: RouterConfig, tokenizer_source: s
         if http_port:
             # The front is one more bus client, with its own connection.
             front_bus = await Bus.connect(bus_config, name=f"busserve-front-{config.router_id}")
-            front = Front(front_bus)
+            front = Front(front_bus, tokenizer=tokenizer)
             await front.start()
             server = await serve_http(front, http_host, http_port,
                                       extra_routes=[metrics] if http.metrics_port is None else [],

@@ -12,16 +12,17 @@ import asyncio
 import contextlib
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from nats.aio.msg import Msg
+from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+import busserve
 from busserve.bus import codec
 from busserve.bus.client import Bus
 from busserve.errors import BusserveError, MalformedMessage
@@ -32,11 +33,19 @@ from busserve.messages import (
     Final,
     GenerateRequest,
     RouterStatus,
-    SamplingParams,
     StreamEvent,
-    StreamOptions,
     TokenChunk,
 )
+from busserve.router.openai_requests import (
+    BadRequest,
+    DetokenizeBody,
+    TokenizeBody,
+    chat_request,
+    completion_request,
+    decode,
+    message_text,
+)
+from busserve.tokenization import prompt_token_ids, vocab_size
 
 HTTP_STATUS = {
     "invalid_request": 400, "malformed": 400, "payload_too_large": 413, "prompt_too_long": 400, "conflict": 409,
@@ -53,12 +62,6 @@ KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies se
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
 def error_response(code: str, message: str, param: str | None = None) -> JSONResponse:
     status = HTTP_STATUS.get(code, 500)
     body = {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param,
@@ -67,121 +70,13 @@ def error_response(code: str, message: str, param: str | None = None) -> JSONRes
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-# ------------------------------------------------------------------ request translation
-
-
-def _number(body: dict[str, Any], name: str, lo: float, hi: float, default: float | None) -> float | None:
-    value = body.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"{name} must be a number", name)
-    if not lo <= value <= hi:
-        raise BadRequest(f"{name} must be between {lo} and {hi}, got {value}", name)
-    return float(value)
-
-
-def _int(body: dict[str, Any], name: str, lo: int, default: int | None) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} must be an integer", name)
-    if value < lo:
-        raise BadRequest(f"{name} must be at least {lo}, got {value}", name)
-    return value
-
-
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "functions": (None, []),
-               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-               "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "n": (None, 1)}
-
-
-def sampling_from(body: dict[str, Any]) -> SamplingParams:
-    for name, allowed in UNSUPPORTED.items():
-        if name in body and body[name] not in allowed:
-            raise BadRequest(f"{name}={body[name]!r} is not supported by busserve", name)
-    max_tokens = _int(body, "max_completion_tokens", 1, None) or _int(body, "max_tokens", 1, None) or 1024
-    stop = body.get("stop")
-    if stop is None:
-        stops: list[str] = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = stop
-    else:
-        raise BadRequest("stop must be a string or a list of strings", "stop")
-    if len(stops) > 16 or any(not s for s in stops):
-        raise BadRequest("stop takes at most 16 non-empty strings", "stop")
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise BadRequest("ignore_eos must be a boolean", "ignore_eos")
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.0, 2.0, 1.0),  # type: ignore[arg-type]
-        top_p=_number(body, "top_p", 1e-9, 1.0, 1.0),  # type: ignore[arg-type]
-        top_k=_int(body, "top_k", -1, 0),  # type: ignore[arg-type]
-        min_p=_number(body, "min_p", 0.0, 1.0, 0.0),  # type: ignore[arg-type]
-        seed=_int(body, "seed", 0, None),
-        stop=stops,
-        stop_token_ids=list(body.get("stop_token_ids") or []),
-        ignore_eos=ignore_eos,
-    )
-
-
-def _text_content(content: Any, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise BadRequest("only text content parts are supported", f"messages[{i}].content")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise BadRequest("content must be a string or a list of text parts", f"messages[{i}].content")
-
-
-def chat_request(body: dict[str, Any]) -> GenerateRequest:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list", "messages")
-    turns = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
-            raise BadRequest("each message needs a role: system, user, assistant, tool or developer",
-                             f"messages[{i}].role")
-        turns.append(ChatMessage(role=m["role"], content=_text_content(m.get("content", ""), i)))
-    return _generate(body, messages=turns)
-
-
-def completion_request(body: dict[str, Any]) -> GenerateRequest:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str) and prompt:
-        return _generate(body, prompt=prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return _generate(body, prompt_token_ids=prompt)
-    raise BadRequest("prompt must be a non-empty string or a list of token ids (one prompt per request)", "prompt")
-
-
-def _generate(body: dict[str, Any], **prompt: Any) -> GenerateRequest:
-    model = body.get("model", "")
-    if not isinstance(model, str):
-        raise BadRequest("model must be a string", "model")
-    opts = body.get("stream_options") or {}
-    include_usage = bool(opts.get("include_usage", False)) if body.get("stream") else True
-    return GenerateRequest(request_id=uuid.uuid4().hex, model=model, sampling=sampling_from(body),
-                           stream=StreamOptions(include_usage=include_usage), **prompt)
-
-
 # ------------------------------------------------------------------ the app
 
 
 class Front:
-    def __init__(self, bus: Bus, first_event_timeout_s: float = 600.0) -> None:
+    def __init__(self, bus: Bus, first_event_timeout_s: float = 600.0, tokenizer: Any = None) -> None:
         self.bus = bus
+        self.tokenizer = tokenizer  # for /tokenize and /detokenize (the router's)
         self.first_event_timeout_s = first_event_timeout_s
         self.engines: dict[str, tuple[float, EngineStatus]] = {}
         self.routers: dict[str, tuple[float, RouterStatus]] = {}
@@ -223,6 +118,49 @@ class Front:
         return JSONResponse({"object": "list", "data": [
             {"id": n, "object": "model", "created": 0, "owned_by": "busserve"} for n in names]})
 
+    async def model(self, request: Request) -> JSONResponse:
+        name = request.path_params["model"]
+        if name not in {st.model for st in self.live_engines()}:
+            return error_response("unknown_model", f"model {name!r} is not served here", "model")
+        return JSONResponse({"id": name, "object": "model", "created": 0, "owned_by": "busserve"})
+
+    async def version(self, request: Request) -> JSONResponse:
+        return JSONResponse({"version": busserve.__version__})
+
+    async def tokenize(self, request: Request) -> Response:
+        if self.tokenizer is None:
+            return error_response("no_engine", "this front has no tokenizer")
+        try:
+            body = decode(await request.body(), TokenizeBody)
+            if (body.prompt is None) == (body.messages is None):
+                raise BadRequest("give exactly one of prompt and messages", "prompt")
+            gen = GenerateRequest(prompt=body.prompt, messages=None if body.messages is None else [
+                ChatMessage(role=m.role, content=message_text(m, i)) for i, m in enumerate(body.messages)])
+            if body.prompt is not None and not body.add_special_tokens:
+                ids = list(self.tokenizer(body.prompt, add_special_tokens=False)["input_ids"])
+            else:
+                ids = await asyncio.get_running_loop().run_in_executor(None, prompt_token_ids, self.tokenizer, gen)
+        except BadRequest as exc:
+            return error_response("invalid_request", str(exc), exc.param)
+        except BusserveError as exc:
+            return error_response(exc.code, str(exc), exc.field)
+        limits = [st.max_model_len for st in self.live_engines()]
+        return JSONResponse({"count": len(ids), "max_model_len": min(limits) if limits else None, "tokens": ids})
+
+    async def detokenize(self, request: Request) -> Response:
+        if self.tokenizer is None:
+            return error_response("no_engine", "this front has no tokenizer")
+        try:
+            body = decode(await request.body(), DetokenizeBody)
+        except BadRequest as exc:
+            return error_response("invalid_request", str(exc), exc.param)
+        vocab = vocab_size(self.tokenizer)
+        for i, t in enumerate(body.tokens):
+            if t >= vocab:
+                return error_response("invalid_request", f"token id {t} is outside the vocabulary (size {vocab})",
+                                      f"tokens[{i}]")
+        return JSONResponse({"prompt": self.tokenizer.decode(body.tokens)})
+
     async def chat(self, request: Request) -> Response:
         return await self._complete(request, chat_request, chat=True)
 
@@ -231,21 +169,17 @@ class Front:
 
     async def _complete(self, request: Request, build: Any, chat: bool) -> Response:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error_response("invalid_request", "the body is not valid JSON")
-        if not isinstance(body, dict):
-            return error_response("invalid_request", "the body must be a JSON object")
-        try:
-            gen = build(body)
+            gen, body = build(await request.body())
         except BadRequest as exc:
             return error_response("invalid_request", str(exc), exc.param)
+        if body.user:
+            trace.get_current_span().set_attribute("enduser.id", body.user)
         stream = self.bus.generate(gen, first_event_timeout_s=self.first_event_timeout_s)
-        model = body.get("model") or next((st.model for st in self.live_engines()), "")
+        model = body.model or next((st.model for st in self.live_engines()), "")
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + (gen.request_id or ""), "created": int(time.time()),
                 "model": model}
         first_task = asyncio.ensure_future(anext(stream))
-        if body.get("stream"):
+        if body.stream:
             # A refusal that comes at once (overloaded, unknown model) keeps its HTTP status; a request that waits
             # longer (queued, a long prefill) gets its headers now and keep-alive comments until its first token,
             # so proxies and clients do not time it out.
@@ -263,7 +197,7 @@ class Front:
         if isinstance(first, Error):
             await stream.aclose()
             return error_response(first.code, first.message, first.field)
-        if body.get("stream"):
+        if body.stream:
             return StreamingResponse(self._sse(first, stream, meta, chat, gen.stream.include_usage),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         return await self._whole(first, stream, meta, chat)
@@ -402,6 +336,10 @@ def create_app(front: Front, extra_routes: list[Route] | None = None) -> Starlet
     routes = [
         Route("/health", front.health, methods=["GET"]),
         Route("/v1/models", front.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", front.model, methods=["GET"]),
+        Route("/version", front.version, methods=["GET"]),
+        Route("/tokenize", front.tokenize, methods=["POST"]),
+        Route("/detokenize", front.detokenize, methods=["POST"]),
         Route("/v1/chat/completions", front.chat, methods=["POST"]),
         Route("/v1/completions", front.completions, methods=["POST"]),
         *(extra_routes or []),

@@ -13,6 +13,7 @@ import os
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from busserve.bus.config import BusConfig
 from busserve.bus.subjects import Subjects
@@ -103,3 +104,12 @@ class Credentials:
         idents += [Identity.new(c, "client") for c in clients]
         idents += [Identity.new(operator, "operator"), Identity.new(strategy, "strategy")]
         return cls({i.name: i for i in idents})
+
+
+def stack_identity_config(up_state: dict[str, Any], role: Role, base: BusConfig) -> BusConfig:
+    """How to connect to the stack a ``busserve up`` state file describes, as its identity of ``role`` (``base``
+    unchanged for an open stack)."""
+    path = up_state.get("credentials")
+    if not path:
+        return base
+    return Credentials.load(Path(path)).of_role(role).bus_config(base)

@@ -17,6 +17,7 @@ from busserve.bus.embedded import free_port
 from busserve.engine.model_loader import LoadedModel
 from busserve.router.http_guard import Guard, Limits, load_api_keys
 from busserve.testing import ProcessCluster
+from tests.helpers import asgi_call
 
 
 async def _echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -34,71 +35,48 @@ async def _echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _call(app: Any, path: str = "/v1/completions", key: str | None = None, body: bytes = b"{}",
-                chunks: int = 1, declare: bool = True) -> tuple[int, dict[str, str], dict[str, Any]]:
-    headers = [(b"content-type", b"application/json")]
-    if key is not None:
-        headers.append((b"authorization", f"Bearer {key}".encode()))
-    if declare:
-        headers.append((b"content-length", str(len(body)).encode()))
-    parts = [body[i * len(body) // chunks:(i + 1) * len(body) // chunks] for i in range(chunks)]
-    inbox = [{"type": "http.request", "body": p, "more_body": i < chunks - 1} for i, p in enumerate(parts)]
-    out: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return inbox.pop(0) if inbox else {"type": "http.disconnect"}
-
-    async def send(msg: dict[str, Any]) -> None:
-        out.append(msg)
-
-    await app({"type": "http", "path": path, "method": "POST", "headers": headers}, receive, send)
-    start = out[0]
-    payload = b"".join(m.get("body", b"") for m in out[1:])
-    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, json.loads(payload)
-
-
 @pytest.mark.asyncio
 async def test_keys_are_required_once_configured() -> None:
     guard = Guard(_echo_app, {"sk-good": "alice"})
-    assert (await _call(guard, key="sk-good"))[0] == 200
+    assert (await asgi_call(guard, key="sk-good"))[0] == 200
     for key in (None, "sk-bad", ""):
-        status, headers, body = await _call(guard, key=key)
+        status, headers, body = await asgi_call(guard, key=key)
         assert status == 401 and body["error"]["code"] == "invalid_api_key", body
         assert headers["www-authenticate"] == "Bearer"
-    assert (await _call(guard, path="/health"))[0] == 200  # probes need no key
+    assert (await asgi_call(guard, path="/health"))[0] == 200  # probes need no key
     assert guard.refused == {401: 3}
 
 
 @pytest.mark.asyncio
 async def test_bodies_over_the_limit_get_413_declared_or_not() -> None:
     guard = Guard(_echo_app, {}, Limits(max_body_bytes=1000))
-    assert (await _call(guard, body=b"x" * 1000))[2] == {"size": 1000}
-    status, _, body = await _call(guard, body=b"x" * 1001)
+    assert (await asgi_call(guard, body=b"x" * 1000))[2] == {"size": 1000}
+    status, _, body = await asgi_call(guard, body=b"x" * 1001)
     assert status == 413 and body["error"]["code"] == "payload_too_large"
-    status, _, body = await _call(guard, body=b"x" * 5000, chunks=10, declare=False)  # chunked: counted
+    status, _, body = await asgi_call(guard, body=b"x" * 5000, chunks=10, declare=False)  # chunked: counted
     assert status == 413, body
-    assert (await _call(guard, body=b"x" * 900, chunks=3, declare=False))[2] == {"size": 900}
+    assert (await asgi_call(guard, body=b"x" * 900, chunks=3, declare=False))[2] == {"size": 900}
 
 
 @pytest.mark.asyncio
 async def test_rate_per_key_with_retry_after() -> None:
     now = [0.0]
     guard = Guard(_echo_app, {"ka": "a", "kb": "b"}, Limits(rate_per_s=2.0, burst=2), clock=lambda: now[0])
-    assert [(await _call(guard, key="ka"))[0] for _ in range(3)] == [200, 200, 429]
-    status, headers, body = await _call(guard, key="ka")
+    assert [(await asgi_call(guard, key="ka"))[0] for _ in range(3)] == [200, 200, 429]
+    status, headers, body = await asgi_call(guard, key="ka")
     assert status == 429 and headers["retry-after"] == "1" and body["error"]["type"] == "rate_limit_error"
-    assert (await _call(guard, key="kb"))[0] == 200  # another key has its own bucket
+    assert (await asgi_call(guard, key="kb"))[0] == 200  # another key has its own bucket
     now[0] += 0.5  # one token back at 2/s
-    assert [(await _call(guard, key="ka"))[0] for _ in range(2)] == [200, 429]
+    assert [(await asgi_call(guard, key="ka"))[0] for _ in range(2)] == [200, 429]
 
 
 @pytest.mark.asyncio
 async def test_concurrency_per_key() -> None:
     guard = Guard(_echo_app, {"ka": "a", "kb": "b"}, Limits(max_concurrent=2))
-    results = await asyncio.gather(*(_call(guard, "/slow", key="ka") for _ in range(3)),
-                                   _call(guard, "/slow", key="kb"))
+    results = await asyncio.gather(*(asgi_call(guard, "/slow", key="ka") for _ in range(3)),
+                                   asgi_call(guard, "/slow", key="kb"))
     assert sorted(r[0] for r in results[:3]) == [200, 200, 429] and results[3][0] == 200
-    assert (await _call(guard, "/slow", key="ka"))[0] == 200  # the slots came back
+    assert (await asgi_call(guard, "/slow", key="ka"))[0] == 200  # the slots came back
 
 
 def test_keys_file(tmp_path: Path) -> None:

@@ -1,0 +1,315 @@
+"""The OpenAI front's request bodies as msgspec Structs, one per endpoint, and their translation to bus messages.
+
+Every parameter of OpenAI's API and of vLLM's extensions that a client may send is a field here, and each is
+either *implemented* (it changes what the server does) or *refused* with a 400 naming it when given anything but
+its neutral value: nothing is accepted and dropped. Keys that are neither are refused too
+(``forbid_unknown_fields``), with the parameter's name. tests/router/test_openai_parameters.py walks both
+parameter lists and fails on any silent ignore.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from busserve.messages import ChatMessage, GenerateRequest, InvalidField, SamplingParams, StreamOptions
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class _Strict(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    pass
+
+
+class StreamOptionsBody(_Strict, kw_only=True):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # refused when true
+
+
+class TextPart(_Strict, kw_only=True):
+    type: str
+    text: str | None = None
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+
+
+class MessageBody(_Strict, kw_only=True):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None  # refused: the chat template would never see it
+    tool_call_id: str | None = None  # refused (no tool calling yet)
+    tool_calls: list[Any] | None = None  # refused
+    refusal: str | None = None  # refused when set
+    reasoning_content: str | None = None  # refused when set
+
+
+Number = float | int
+
+
+class _Sampling(_Strict, kw_only=True):
+    """Parameters both endpoints share (OpenAI's, then vLLM's)."""
+
+    model: str = ""
+    max_tokens: int | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptionsBody | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict[str, Number] | None = None
+    seed: int | None = None
+    user: str | None = None  # implemented: recorded with the request (trace attribute); changes no output
+    # vLLM's extra sampling parameters
+    top_k: int | None = None
+    min_p: Number | None = None
+    repetition_penalty: Number | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    use_beam_search: bool = False
+    length_penalty: Number | None = None
+    best_of: int | None = None
+    prompt_logprobs: int | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: Any = None
+    response_format: Any = None
+    logits_processors: Any = None
+    priority: int | None = None
+    request_id: str | None = None
+    return_tokens_as_token_ids: bool = False
+    cache_salt: str | None = None
+    kv_transfer_params: Any = None
+    vllm_xargs: Any = None
+    # OpenAI fields with no effect busserve can honour
+    metadata: Any = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prediction: Any = None
+
+
+class ChatCompletionBody(_Sampling, kw_only=True):
+    messages: list[MessageBody]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    reasoning_effort: str | None = None
+    web_search_options: Any = None
+    # vLLM's chat extras
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[Any] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: Any = None
+
+
+class CompletionBody(_Sampling, kw_only=True):
+    prompt: str | list[Any]  # a string, token ids, or a batch of one of either
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = None
+    add_special_tokens: bool = True
+
+
+class TokenizeBody(_Strict, kw_only=True):
+    model: str = ""
+    prompt: str | None = None
+    messages: list[MessageBody] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeBody(_Strict, kw_only=True):
+    model: str = ""
+    tokens: list[Annotated[int, Meta(ge=0)]]
+
+
+# What each parameter does here. ``IMPLEMENTED``: used. ``REFUSED``: its neutral values; anything else is a 400.
+IMPLEMENTED = frozenset({
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stream",
+    "stream_options", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "seed", "user", "top_k", "min_p",
+    "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "request_id",
+})
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1), "best_of": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "prompt_logprobs": (None,), "echo": (False,), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,), "functions": (None, []), "function_call": (None, "none"),
+    "modalities": (None, ["text"]), "audio": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
+    "response_format": (None, {"type": "text"}), "guided_json": (None,), "guided_regex": (None,),
+    "guided_choice": (None,), "guided_grammar": (None,), "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,), "structured_outputs": (None,), "logits_processors": (None,),
+    "include_stop_str_in_output": (False,), "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+    "use_beam_search": (False,), "length_penalty": (None, 1, 1.0), "bad_words": (None, []),
+    "allowed_token_ids": (None,), "truncate_prompt_tokens": (None,), "priority": (None, 0),
+    "return_tokens_as_token_ids": (False,), "cache_salt": (None,), "kv_transfer_params": (None,),
+    "vllm_xargs": (None,), "metadata": (None,), "store": (None, False), "service_tier": (None, "auto", "default"),
+    "prediction": (None,), "add_generation_prompt": (True,), "continue_final_message": (False,),
+    "add_special_tokens": (False, True), "documents": (None,), "chat_template": (None,),
+    "chat_template_kwargs": (None, {}), "mm_processor_kwargs": (None,),
+}
+REFUSED = frozenset(_NEUTRAL)
+# add_special_tokens: neutral is the endpoint's own default (False for chat, True for completions).
+_DEFAULT_SPECIAL = {"chat": False, "completion": True}
+
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`")
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
+
+
+def _param(path: str) -> str:
+    return path.lstrip(".") or "body"
+
+
+def decode(raw: bytes, tp: type[Any]) -> Any:
+    """The body as ``tp``; a 400 naming the parameter on any unknown key, wrong type or missing field."""
+    try:
+        return msgspec.json.decode(raw, type=tp)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        at = _AT.search(text)
+        path = _param(at.group("path")) if at else ""
+        unknown = _UNKNOWN.search(text)
+        if unknown:
+            name = f"{path}.{unknown.group('field')}" if path and path != "body" else unknown.group("field")
+            raise BadRequest(f"unknown parameter {name!r}: busserve does not implement it", name) from None
+        missing = re.search(r"Object missing required field `(?P<field>[^`]+)`", text)
+        if missing:
+            name = f"{path}.{missing.group('field')}" if path and path != "body" else missing.group("field")
+            raise BadRequest(f"{name} is required", name) from None
+        raise BadRequest(f"{path}: {_AT.sub('', text)}" if path else text, path or None) from None
+    except msgspec.DecodeError:
+        raise BadRequest("the body is not valid JSON") from None
+
+
+def _refuse_unsupported(body: Any, endpoint: str) -> None:
+    for name in body.__struct_fields__:
+        if name not in REFUSED:
+            continue
+        value = getattr(body, name)
+        neutral = (_DEFAULT_SPECIAL[endpoint],) if name == "add_special_tokens" else _NEUTRAL[name]
+        if value not in neutral:
+            raise BadRequest(f"{name}={value!r} is not supported by busserve", name)
+    if body.stream_options is not None and body.stream_options.continuous_usage_stats:
+        raise BadRequest("stream_options.continuous_usage_stats is not supported by busserve",
+                         "stream_options.continuous_usage_stats")
+
+
+def _sampling(body: _Sampling, max_tokens: int | None) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 16 or any(not s for s in stop):
+        raise BadRequest("stop takes at most 16 non-empty strings", "stop")
+    bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isdigit():
+            raise BadRequest(f"logit_bias keys are token ids, got {key!r}", "logit_bias")
+        if not -100.0 <= float(value) <= 100.0:
+            raise BadRequest(f"logit_bias[{key}] must be between -100 and 100, got {value}", f"logit_bias[{key}]")
+        bias[int(key)] = float(value)
+    if max_tokens is not None and max_tokens < 1:
+        raise BadRequest(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    if body.temperature is not None and not 0.0 <= body.temperature <= 2.0:
+        raise BadRequest(f"temperature must be between 0 and 2, got {body.temperature}", "temperature")
+    given = {
+        "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+        "min_p": body.min_p, "seed": body.seed, "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
+        "min_tokens": body.min_tokens,
+    }
+    try:
+        return msgspec.convert({**{k: v for k, v in given.items() if v is not None}, "stop": stop,
+                                "stop_token_ids": body.stop_token_ids or [], "ignore_eos": body.ignore_eos,
+                                "logit_bias": bias, "max_tokens": max_tokens or 1024},
+                               SamplingParams)
+    except InvalidField as exc:
+        raise BadRequest(str(exc), exc.field) from None
+    except msgspec.ValidationError as exc:
+        at = _AT.search(str(exc))
+        named = re.match(r"(\w+): ", str(exc))  # a check of the message itself (InvalidField) names its field
+        name = _param(at.group("path")) if at else named.group(1) if named else None
+        text = _AT.sub("", str(exc))
+        raise BadRequest(f"{name}: {text}" if name else text, name) from None
+
+
+def message_text(m: MessageBody, i: int) -> str:
+    """A message's text; a 400 naming what busserve cannot pass on (names, tool calls, non-text parts)."""
+    for name in ("name", "tool_call_id", "tool_calls", "refusal", "reasoning_content"):
+        if getattr(m, name) is not None:
+            raise BadRequest(f"messages[{i}].{name} is not supported by busserve", f"messages[{i}].{name}")
+    if m.content is None:
+        return ""
+    if isinstance(m.content, str):
+        return m.content
+    parts = []
+    for j, part in enumerate(m.content):
+        if part.type != "text" or part.text is None:
+            raise BadRequest(f"only text content parts are supported (got {part.type!r})",
+                             f"messages[{i}].content[{j}]")
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def chat_request(raw: bytes) -> tuple[GenerateRequest, ChatCompletionBody]:
+    body = decode(raw, ChatCompletionBody)
+    _refuse_unsupported(body, "chat")
+    if not body.messages:
+        raise BadRequest("messages must be a non-empty list", "messages")
+    turns = [ChatMessage(role=m.role, content=message_text(m, i)) for i, m in enumerate(body.messages)]
+    return _generate(body, body.max_completion_tokens or body.max_tokens, messages=turns), body
+
+
+def completion_request(raw: bytes) -> tuple[GenerateRequest, CompletionBody]:
+    body = decode(raw, CompletionBody)
+    _refuse_unsupported(body, "completion")
+    prompt: Any = body.prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return _generate(body, body.max_tokens, prompt=prompt), body
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if any(t < 0 for t in prompt):
+            raise BadRequest("token ids are not negative", "prompt")
+        return _generate(body, body.max_tokens, prompt_token_ids=prompt), body
+    raise BadRequest("prompt must be a non-empty string or a list of token ids (one prompt per request)", "prompt")
+
+
+def _generate(body: _Sampling, max_tokens: int | None, **prompt: Any) -> GenerateRequest:
+    include_usage = (body.stream_options.include_usage if body.stream_options else False) if body.stream else True
+    rid = body.request_id or uuid.uuid4().hex
+    if not re.fullmatch(r"[A-Za-z0-9_\-:]{1,128}", rid):
+        raise BadRequest("request_id takes 1-128 letters, digits, '_', '-', ':'", "request_id")
+    try:
+        return GenerateRequest(request_id=rid, model=body.model, sampling=_sampling(body, max_tokens),
+                               stream=StreamOptions(include_usage=include_usage), **prompt)
+    except InvalidField as exc:
+        raise BadRequest(str(exc), exc.field) from None
