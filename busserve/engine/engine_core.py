@@ -29,6 +29,8 @@ import torch
 from busserve.bus.codec import ContentType
 from busserve.engine.attention_backends import select_backend
 from busserve.engine.detokenizer import Detokenizer
+from busserve.engine.logits_processing import LogitsSettings, Row
+from busserve.engine.logits_processing import process as process_logits
 from busserve.engine.model_loader import LoadedModel
 from busserve.engine.outputs import StreamWriter
 from busserve.engine.requests import (
@@ -46,8 +48,6 @@ from busserve.engine.requests import (
     gen_ctx,
 )
 from busserve.engine.runner import ModelRunner, kv_layout_for
-from busserve.engine.logits_processing import LogitsSettings, Row
-from busserve.engine.logits_processing import process as process_logits
 from busserve.engine.sampler import SamplingState, sample
 from busserve.engine.scheduler import DuplicateRequest, NeverFits, Scheduler, SchedulerConfig
 from busserve.engine.sequence import SeqKind, SeqStatus, Sequence
