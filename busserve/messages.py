@@ -25,6 +25,7 @@ from msgspec import Meta, Struct, field
 RequestId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-:]{1,128}$", description="Client- or router-chosen id")]
 EngineId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$", description="Engine id (a subject token)")]
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default bound
 
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_STOP_STRINGS = 16
@@ -98,6 +99,10 @@ class SamplingParams(_Msg, tag="sampling"):
     logit_bias: Annotated[dict[TokenId, Annotated[float, Meta(ge=-100.0, le=100.0)]], Meta(max_length=1024)] = (
         field(default_factory=dict)
     )
+    # Log-probabilities on every TokenChunk: the sampled token's and the ``logprobs`` likeliest others' (0: the
+    # sampled token's alone). From the model's own logits (log_softmax before penalties and temperature, as
+    # vLLM reports them). None: none.
+    logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
 
     def __post_init__(self) -> None:
         _finite("temperature", self.temperature)
@@ -161,13 +166,28 @@ class Usage(_Msg, tag="usage"):
     cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache or a transfer, not computed here
 
 
+class TopLogprob(_Msg, tag="top_logprob"):
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(_Msg, tag="token_logprob"):
+    """One output token's log-probability and, likeliest first, those of the alternatives asked for."""
+
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
 class TokenChunk(_Msg, tag="token"):
-    """New output tokens. ``index`` is the position of ``token_ids[0]`` in the output."""
+    """New output tokens. ``index`` is the position of ``token_ids[0]`` in the output. ``logprobs``: one per token
+    when the request asked (``SamplingParams.logprobs``)."""
 
     request_id: str
     index: int
     token_ids: list[int]
     text: str = ""
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Final(_Msg, tag="final"):

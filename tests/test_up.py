@@ -154,6 +154,32 @@ def test_sampling_parameters_and_tokenizer_endpoints(up: Up, client: openai.Open
         assert json.loads(resp.read())["version"]
 
 
+def test_logprobs_streamed_and_not(up: Up, client: openai.OpenAI) -> None:
+    """OpenAI's shapes: chat ``logprobs.content`` (token, bytes, top alternatives, likeliest first) spelling the
+    answer, streamed and not the same; completions' parallel lists with text offsets."""
+    ask = {"model": "SmolLM2-135M-Instruct", "max_tokens": 8, "temperature": 0,
+           "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    whole = client.chat.completions.create(**ask, logprobs=True, top_logprobs=3)  # type: ignore[call-overload]
+    content = whole.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == whole.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob  # greedy: the top one
+        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+        assert bytes(t.bytes).decode("utf-8", errors="replace") == t.token or "\ufffd" in t.token
+    streamed = client.chat.completions.create(**ask, logprobs=True, top_logprobs=3, stream=True)  # type: ignore
+    parts = [lp for c in streamed if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    assert [p.token for p in parts] == [t.token for t in content]
+    assert all(abs(p.logprob - t.logprob) < 1e-5 for p, t in zip(parts, content, strict=True))
+    comp = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
+                                     max_tokens=6, temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert lp is not None and "".join(lp.tokens) == comp.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(len(top) <= 2 and max(top.values()) >= tl - 1e-6 for top, tl in zip(lp.top_logprobs,
+                                                                                  lp.token_logprobs, strict=True))
+
+
 def test_the_default_stack_is_secured(up: Up) -> None:
     """No anonymous access, the local client identity cannot read cluster state or others' inboxes, the operator's
     commands work, and no password is on any child's command line."""

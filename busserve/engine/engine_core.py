@@ -48,7 +48,7 @@ from busserve.engine.requests import (
     gen_ctx,
 )
 from busserve.engine.runner import ModelRunner, kv_layout_for
-from busserve.engine.sampler import SamplingState, sample
+from busserve.engine.sampler import SamplingState, sample, token_logprobs
 from busserve.engine.scheduler import DuplicateRequest, NeverFits, Scheduler, SchedulerConfig
 from busserve.engine.sequence import SeqKind, SeqStatus, Sequence
 from busserve.engine.subrequests import SubRequests
@@ -57,7 +57,7 @@ from busserve.kv.radix_cache import RadixCache
 from busserve.kv.storage import KVStorage, shm_segment_name
 from busserve.kv.transfer.base import KVTransport
 from busserve.kv.transfer.bus import LandingZones
-from busserve.messages import Error, KVCleared, KVEventBatch, KVStored, SamplingParams
+from busserve.messages import Error, KVCleared, KVEventBatch, KVStored, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -230,12 +230,13 @@ class EngineCore:
             if self.protocol.migrations.active:
                 self.protocol.migrations.advance()
             ctxs = [gen_ctx(s) for s in sample_seqs]
-            logits = process_logits(logits, [
+            processed = process_logits(logits, [
                 Row(c.logits, s.token_ids, len(s.token_ids) - c.output_offset - s.num_output)
                 for s, c in zip(sample_seqs, ctxs, strict=True)])
-            tokens = sample(logits, [c.sampling for c in ctxs])
-            for seq, tok in zip(sample_seqs, tokens, strict=True):
-                self._append_token(seq, tok, out)
+            tokens = sample(processed, [c.sampling for c in ctxs])
+            logprobs = token_logprobs(logits, tokens, [c.logprobs for c in ctxs])
+            for seq, tok, lp in zip(sample_seqs, tokens, logprobs, strict=True):
+                self._append_token(seq, tok, out, lp)
             self.counters.steps += 1
         self._collect_kv_events(out)
         if out:
@@ -248,14 +249,15 @@ class EngineCore:
             if not s.ctx.t_scheduled_ns:
                 s.ctx.t_scheduled_ns = now_ns
 
-    def _append_token(self, seq: Sequence, tok: int, out: list[Outbound]) -> None:
+    def _append_token(self, seq: Sequence, tok: int, out: list[Outbound], logprob: TokenLogprob | None = None
+                      ) -> None:
         ctx = gen_ctx(seq)
         if ctx.first_token_at is None:
             ctx.first_token_at = time.monotonic()
             ctx.t_first_token_ns = time.time_ns()
             ctx.cached_tokens = seq.num_cached
         self.counters.generated_tokens += 1
-        finish = self.outputs.token(seq, tok, out)
+        finish = self.outputs.token(seq, tok, out, logprob)
         if finish is not None:
             self.finish(seq, finish)
 
@@ -333,7 +335,7 @@ class EngineCore:
                                 end_token_ids=tuple(sorted(ends)))
         return GenerateCtx(
             stream_subject=stream_subject, content_type=content_type, include_usage=include_usage,
-            sampling=state, logits=logits, max_tokens=sampling.max_tokens, stop_token_ids=frozenset(sampling.stop_token_ids),
+            sampling=state, logits=logits, logprobs=sampling.logprobs, max_tokens=sampling.max_tokens, stop_token_ids=frozenset(sampling.stop_token_ids),
             ignore_eos=sampling.ignore_eos, detok=detok, trace=trace, label=label, supervisor=supervisor,
             output_offset=output_offset,
         )

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from busserve.engine.requests import GenerateCtx, Memory, Outbound, gen_ctx
 from busserve.engine.sequence import Sequence
-from busserve.messages import Error, Final, FinishReason, StreamStatus, TokenChunk, Usage
+from busserve.messages import Error, Final, FinishReason, StreamStatus, TokenChunk, TokenLogprob, Usage
 
 
 class StreamWriter:
@@ -36,7 +36,8 @@ class StreamWriter:
                                                      owner_kind="engine", supervisor=ctx.supervisor,
                                                      heartbeat_s=self.heartbeat_s)))
 
-    def token(self, seq: Sequence, tok: int, out: list[Outbound]) -> FinishReason | None:
+    def token(self, seq: Sequence, tok: int, out: list[Outbound], logprob: TokenLogprob | None = None
+              ) -> FinishReason | None:
         """Append a sampled token, stream it, and end the stream if it finished the request (returns why)."""
         ctx = gen_ctx(seq)
         seq.token_ids.append(tok)
@@ -56,7 +57,8 @@ class StreamWriter:
             finish = "length"
         if finish is not None:
             text += ctx.detok.flush()
-        out.append(self._out(ctx, seq, TokenChunk(request_id=ctx.label, index=index, token_ids=[tok], text=text)))
+        out.append(self._out(ctx, seq, TokenChunk(request_id=ctx.label, index=index, token_ids=[tok], text=text,
+                                                       logprobs=None if logprob is None else [logprob])))
         if finish is not None:
             self.end(seq, Final(request_id=ctx.label, finish_reason=finish, usage=self.usage(seq),
                                 stop_reason=stop_reason, engine_id=self.engine_id), out)

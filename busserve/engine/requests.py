@@ -46,6 +46,7 @@ class GenerateCtx:
     include_usage: bool
     sampling: SamplingState
     logits: LogitsSettings  # penalties, logit_bias, min_tokens (logits_processing)
+    logprobs: int | None  # alternatives to report with each token's log-probability; None: no log-probabilities
     max_tokens: int  # output tokens in all, resumed ones included
     stop_token_ids: frozenset[int]
     ignore_eos: bool

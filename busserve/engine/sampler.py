@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from busserve.messages import SamplingParams
+from busserve.messages import SamplingParams, TokenLogprob, TopLogprob
 
 _shared_generator = torch.Generator().manual_seed(0x5EED)
 
@@ -83,3 +83,23 @@ def _min_p(probs: torch.Tensor, mins: list[float]) -> torch.Tensor:
     floor = probs.max(dim=-1, keepdim=True).values * torch.tensor(mins).unsqueeze(1)
     probs = probs.masked_fill(probs < floor, 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[TokenLogprob | None]:
+    """For each row that asks (``wanted[i]`` alternatives, 0 for the token's own only): the chosen token's
+    log-probability under the model's distribution (``log_softmax`` of the row as the model gave it) and the
+    ``wanted[i]`` likeliest tokens'."""
+    out: list[TokenLogprob | None] = [None] * len(tokens)
+    rows = [i for i, k in enumerate(wanted) if k is not None]
+    if not rows:
+        return out
+    lp = torch.log_softmax(logits[torch.tensor(rows)].float(), dim=-1)
+    k_max = max(int(wanted[i] or 0) for i in rows)
+    top_v, top_i = lp.topk(k_max, dim=-1) if k_max else (None, None)
+    for j, i in enumerate(rows):
+        k = int(wanted[i] or 0)
+        top = [] if not k or top_v is None or top_i is None else [
+            TopLogprob(token_id=int(t), logprob=float(v)) for t, v in zip(top_i[j, :k].tolist(), top_v[j, :k].tolist(),
+                                                                          strict=True)]
+        out[i] = TokenLogprob(token_id=tokens[i], logprob=float(lp[j, tokens[i]]), top=top)
+    return out

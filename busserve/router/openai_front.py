@@ -35,7 +35,9 @@ from busserve.messages import (
     RouterStatus,
     StreamEvent,
     TokenChunk,
+    TokenLogprob,
 )
+from busserve.router.openai_logprobs import CompletionLogprobs, TokenTexts, chat_content
 from busserve.router.openai_requests import (
     BadRequest,
     DetokenizeBody,
@@ -76,7 +78,8 @@ def error_response(code: str, message: str, param: str | None = None) -> JSONRes
 class Front:
     def __init__(self, bus: Bus, first_event_timeout_s: float = 600.0, tokenizer: Any = None) -> None:
         self.bus = bus
-        self.tokenizer = tokenizer  # for /tokenize and /detokenize (the router's)
+        self.tokenizer = tokenizer  # for /tokenize, /detokenize and log-probabilities' token texts (the router's)
+        self.texts = TokenTexts(tokenizer) if tokenizer is not None else None
         self.first_event_timeout_s = first_event_timeout_s
         self.engines: dict[str, tuple[float, EngineStatus]] = {}
         self.routers: dict[str, tuple[float, RouterStatus]] = {}
@@ -174,6 +177,10 @@ class Front:
             return error_response("invalid_request", str(exc), exc.param)
         if body.user:
             trace.get_current_span().set_attribute("enduser.id", body.user)
+        want_lp = gen.sampling.logprobs is not None
+        if want_lp and self.texts is None:
+            return error_response("invalid_request", "this front has no tokenizer to spell log-probabilities with",
+                                  "logprobs")
         stream = self.bus.generate(gen, first_event_timeout_s=self.first_event_timeout_s)
         model = body.model or next((st.model for st in self.live_engines()), "")
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + (gen.request_id or ""), "created": int(time.time()),
@@ -186,7 +193,7 @@ class Front:
             done, _ = await asyncio.wait({first_task}, timeout=HEADERS_AFTER_S)
             if not done:
                 return StreamingResponse(self._sse_after_wait(first_task, stream, meta, chat,
-                                                              gen.stream.include_usage),
+                                                              gen.stream.include_usage, want_lp),
                                          media_type="text/event-stream", headers=SSE_HEADERS)
         try:
             first = await first_task
@@ -198,12 +205,13 @@ class Front:
             await stream.aclose()
             return error_response(first.code, first.message, first.field)
         if body.stream:
-            return StreamingResponse(self._sse(first, stream, meta, chat, gen.stream.include_usage),
+            return StreamingResponse(self._sse(first, stream, meta, chat, gen.stream.include_usage, want_lp),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        return await self._whole(first, stream, meta, chat)
+        return await self._whole(first, stream, meta, chat, want_lp)
 
     async def _sse_after_wait(self, first_task: asyncio.Future[StreamEvent], stream: AsyncIterator[StreamEvent],
-                              meta: dict[str, Any], chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+                              meta: dict[str, Any], chat: bool, include_usage: bool, logprobs: bool
+                              ) -> AsyncIterator[bytes]:
         try:
             yield KEEPALIVE
             while True:
@@ -223,18 +231,20 @@ class Front:
             first_task.cancel()
             await stream.aclose()  # the client went away while waiting: cancel the request
             raise
-        async for part in self._sse(first, stream, meta, chat, include_usage):
+        async for part in self._sse(first, stream, meta, chat, include_usage, logprobs):
             yield part
 
     async def _whole(self, first: StreamEvent, stream: AsyncIterator[StreamEvent], meta: dict[str, Any],
-                     chat: bool) -> Response:
+                     chat: bool, logprobs: bool = False) -> Response:
         text: list[str] = []
+        lps: list[TokenLogprob] = []
         final: Final | None = None
         try:
             event: StreamEvent | None = first
             while event is not None:
                 if isinstance(event, TokenChunk):
                     text.append(event.text)
+                    lps.extend(event.logprobs or [])
                 elif isinstance(event, Final):
                     final = event
                 elif isinstance(event, Error):
@@ -247,6 +257,9 @@ class Front:
         assert final is not None
         content = "".join(text)
         choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(final), "logprobs": None}
+        if logprobs and self.texts is not None:
+            choice["logprobs"] = ({"content": chat_content(lps, self.texts)} if chat else
+                                  CompletionLogprobs(self.texts).part(lps))
         if chat:
             choice["message"] = {"role": "assistant", "content": content}
         else:
@@ -255,11 +268,17 @@ class Front:
                              "choices": [choice], "usage": _usage(final)})
 
     async def _sse(self, first: StreamEvent, stream: AsyncIterator[StreamEvent], meta: dict[str, Any], chat: bool,
-                   include_usage: bool) -> AsyncIterator[bytes]:
+                   include_usage: bool, logprobs: bool = False) -> AsyncIterator[bytes]:
         kind = "chat.completion.chunk" if chat else "text_completion"
+        texts = self.texts if logprobs else None
+        completion_lps = CompletionLogprobs(texts) if texts is not None and not chat else None
 
-        def chunk(delta_text: str | None, finish: str | None, role: bool = False) -> bytes:
+        def chunk(delta_text: str | None, finish: str | None, role: bool = False,
+                  lps: list[TokenLogprob] | None = None) -> bytes:
             choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+            if lps and texts is not None:
+                choice["logprobs"] = ({"content": chat_content(lps, texts)} if completion_lps is None
+                                      else completion_lps.part(lps))
             if chat:
                 delta: dict[str, Any] = {"role": "assistant"} if role else {}
                 if delta_text is not None:
@@ -275,8 +294,8 @@ class Front:
             event: StreamEvent | None = first
             while event is not None:
                 if isinstance(event, TokenChunk):
-                    if event.text:
-                        yield chunk(event.text, None)
+                    if event.text or (texts is not None and texts.shown(event.logprobs or [])):
+                        yield chunk(event.text, None, lps=event.logprobs)
                 elif isinstance(event, Final):
                     yield chunk(None if chat else "", _finish(event))
                     if include_usage:

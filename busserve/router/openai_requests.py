@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from busserve.messages import ChatMessage, GenerateRequest, InvalidField, SamplingParams, StreamOptions
+from busserve.messages import MAX_LOGPROBS, ChatMessage, GenerateRequest, InvalidField, SamplingParams, StreamOptions
 
 
 class BadRequest(Exception):
@@ -160,10 +160,10 @@ class DetokenizeBody(_Strict, kw_only=True):
 IMPLEMENTED = frozenset({
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stream",
     "stream_options", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "seed", "user", "top_k", "min_p",
-    "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "request_id",
+    "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "request_id", "logprobs", "top_logprobs",
 })
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "best_of": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "n": (None, 1), "best_of": (None, 1),
     "prompt_logprobs": (None,), "echo": (False,), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
     "parallel_tool_calls": (None,), "functions": (None, []), "function_call": (None, "none"),
     "modalities": (None, ["text"]), "audio": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
@@ -225,6 +225,20 @@ def _refuse_unsupported(body: Any, endpoint: str) -> None:
                          "stream_options.continuous_usage_stats")
 
 
+def _logprobs(body: _Sampling) -> int | None:
+    """The alternatives per token the request asks for (None: no log-probabilities)."""
+    if isinstance(body, ChatCompletionBody):
+        if body.top_logprobs not in (None, 0) and not body.logprobs:
+            raise BadRequest("top_logprobs needs logprobs=true", "top_logprobs")
+        wanted: int | None = (body.top_logprobs or 0) if body.logprobs else None
+        name = "top_logprobs"
+    else:
+        wanted, name = getattr(body, "logprobs", None), "logprobs"
+    if wanted is not None and not 0 <= wanted <= MAX_LOGPROBS:
+        raise BadRequest(f"{name} must be between 0 and {MAX_LOGPROBS}, got {wanted}", name)
+    return wanted
+
+
 def _sampling(body: _Sampling, max_tokens: int | None) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 16 or any(not s for s in stop):
@@ -244,7 +258,7 @@ def _sampling(body: _Sampling, max_tokens: int | None) -> SamplingParams:
         "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
         "min_p": body.min_p, "seed": body.seed, "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
-        "min_tokens": body.min_tokens,
+        "min_tokens": body.min_tokens, "logprobs": _logprobs(body),
     }
     try:
         return msgspec.convert({**{k: v for k, v in given.items() if v is not None}, "stop": stop,

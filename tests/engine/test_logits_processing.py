@@ -8,7 +8,7 @@ import torch
 
 from busserve.engine.logits_processing import LogitsSettings, Row, process
 from busserve.engine.model_loader import LoadedModel
-from busserve.messages import Final, InvalidField, SamplingParams
+from busserve.messages import Final, InvalidField, SamplingParams, TokenChunk
 from tests.helpers import greedy, reference_model, running_core
 
 
@@ -86,3 +86,24 @@ def test_effects_on_a_real_engine(tiny: LoadedModel) -> None:
         out = h.tokens(rid)
         assert isinstance(h.wait(rid)[-1], Final)
         assert len(out) >= 5 and plain[0] not in out[:5]
+
+
+@torch.inference_mode()
+def test_logprobs_are_the_models_own_log_softmax(tiny: LoadedModel) -> None:
+    prompt = list(range(200, 230))
+    with running_core(tiny) as h:
+        rid = h.submit(prompt, greedy(8, logprobs=3, repetition_penalty=1.5))
+        chunks = [e for e in h.wait(rid) if isinstance(e, TokenChunk)]
+        plain = [e for e in h.wait(h.submit(prompt, greedy(8))) if isinstance(e, TokenChunk)]
+    assert all(c.logprobs is None for c in plain)  # asked for nothing, given nothing
+    model = reference_model(tiny)
+    ids = list(prompt)
+    for c in chunks:
+        assert c.logprobs is not None and len(c.logprobs) == len(c.token_ids) == 1
+        lp = c.logprobs[0]
+        want = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+        assert lp.token_id == c.token_ids[0]
+        assert abs(lp.logprob - float(want[lp.token_id])) < 1e-4  # the model's own, before the penalty
+        assert [t.token_id for t in lp.top] == want.topk(3).indices.tolist()
+        assert all(abs(t.logprob - float(want[t.token_id])) < 1e-4 for t in lp.top)
+        ids.append(c.token_ids[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from busserve.bus.config import BusConfig
 from busserve.bus.embedded import EmbeddedNats
 from busserve.router.openai_front import Front, create_app
 from busserve.router.openai_requests import IMPLEMENTED
+from busserve.tokenization import load_tokenizer
 from tests.helpers import asgi_call
 
 # OpenAI's create-chat-completion parameters (API reference, 2026) with a non-default value each.
@@ -62,11 +64,11 @@ COMPLETION = {"model": "m", "prompt": "hi"}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def app() -> AsyncIterator[Any]:
+async def app(tiny_dir: Path) -> AsyncIterator[Any]:
     server = EmbeddedNats().start()
     bus = await Bus.connect(BusConfig(servers=[server.url], max_reconnect_attempts=0), name="params")
     try:
-        yield create_app(Front(bus, first_event_timeout_s=5))
+        yield create_app(Front(bus, first_event_timeout_s=5, tokenizer=load_tokenizer(tiny_dir)))
     finally:
         await bus.close()
         server.stop()
@@ -84,9 +86,11 @@ def _cases() -> list[tuple[str, str, Any]]:
 
 
 @pytest.mark.asyncio(loop_scope="module")
-@pytest.mark.parametrize(("path", "name", "value"), _cases(), ids=[f"{p.split('/')[-1]}-{n}" for p, n, _ in _cases()])
+@pytest.mark.parametrize(("path", "name", "value"), _cases(), ids=[f"{'chat' if 'chat' in p else 'completions'}-{n}" for p, n, _ in _cases()])
 async def test_every_parameter_is_implemented_or_refused_by_name(app: Any, path: str, name: str, value: Any) -> None:
     base = CHAT if "chat" in path else COMPLETION
+    if name == "top_logprobs":
+        base = {**base, "logprobs": True}  # OpenAI: top_logprobs goes with logprobs=true
     status, out = await _status(app, path, {**base, name: value})
     if name in IMPLEMENTED:
         assert status == 503, out  # past validation, on the bus: no router here
@@ -115,6 +119,9 @@ async def test_message_fields_that_cannot_reach_the_template_are_refused(app: An
     ("/v1/completions", {**COMPLETION, "logit_bias": {"5": 300}}, "logit_bias[5]"),
     ("/v1/completions", {**COMPLETION, "min_tokens": 9, "max_tokens": 4}, "min_tokens"),
     ("/v1/completions", {**COMPLETION, "request_id": "a b"}, "request_id"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 21}, "logprobs"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 30}, "top_logprobs"),
     ("/v1/completions", {"model": "m"}, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": ["a", "b"]}, "prompt"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
