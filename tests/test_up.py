@@ -286,7 +286,7 @@ def test_rolling_restart_under_16_streams(up: Up) -> None:
         with _client(up) as c:
             finish, chunks = None, 0
             for chunk in c.completions.create(model="SmolLM2-135M-Instruct", prompt=f"Tale {i}: a long time ago",
-                                              max_tokens=400, temperature=0, stream=True,
+                                              max_tokens=200, temperature=0, stream=True,
                                               extra_body={"ignore_eos": True}):
                 if chunk.choices:
                     finish = chunk.choices[0].finish_reason or finish
@@ -298,7 +298,7 @@ def test_rolling_restart_under_16_streams(up: Up) -> None:
     threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
-    for _ in threads:  # every stream decoding (on a fast machine 400 tokens take a few seconds)
+    for _ in threads:  # every stream decoding (on a fast machine 200 tokens take a few seconds)
         assert started.acquire(timeout=120)
     os.kill(pid, signal.SIGHUP)
     for t in threads:

@@ -94,11 +94,13 @@ async def drain_under_streams(c: ProcessCluster, tiny: LoadedModel, n_streams: i
         await wait_router(bus)
         prompts = [prompt(tiny, 24 + 3 * i, seed=seed + i) for i in range(n_streams)]
         want = await reference(bus, "A", prompts, MAX_TOKENS)
+        # Before the streams start: waiting for a heartbeat after it would let a fast machine finish them first.
+        pids = {e: await engine_pid(bus, e) for e in ("A", "B")}
         async with Wire(bus) as wire:
             streams = await start(wire, prompts)
             victim = owners(streams[0])[-1]
             other = "B" if victim == "A" else "A"
-            pid = await engine_pid(bus, victim)
+            pid = pids[victim]
             on_victim = [s for s in streams if owners(s)[-1] == victim]
             drained_at = time.monotonic()
             if by_signal:
@@ -173,8 +175,10 @@ async def test_cancels_racing_migrations(tiny_cluster: ProcessCluster, tiny: Loa
 
 @pytest.mark.asyncio
 async def test_target_killed_while_requests_move_to_it(tiny_cluster: ProcessCluster, tiny: LoadedModel) -> None:
-    """The draining engine's requests stay with it (or come back) when their target dies; the target's own requests
-    resume on the draining engine — the only one left — and every stream completes."""
+    """The draining engine's requests stay with it (or come back) when their target dies mid-move; the target's own
+    requests resume on the draining engine — the only one left — and every stream completes. The target is stopped
+    (SIGSTOP) before the drain, so that the moves are under way, unanswered, when it is killed: with a live target
+    the tiny model's moves finish in milliseconds and the drained engine is gone before anything can die."""
     c = tiny_cluster
     bus = await Bus.connect(c.bus_config(), name="t")
     try:
@@ -186,9 +190,9 @@ async def test_target_killed_while_requests_move_to_it(tiny_cluster: ProcessClus
             streams = await start(wire, prompts)
             victim = owners(streams[0])[-1]
             target = "B" if victim == "A" else "A"
+            c.procs[target].send_signal(signal.SIGSTOP)
             await drain(bus, victim)
-            await wire.wait(lambda: any(owners(s)[-1] == target and s.label != streams[0].label
-                                        and owners(s).count(victim) for s in streams), 30, "a first request moved")
+            await asyncio.sleep(1.0)  # moves to the target begin and wait on it
             c.kill(target)
             await wire.all_ended(timeout_s=120)
         check_complete(tiny, wire, prompts, want)
