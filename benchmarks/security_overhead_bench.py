@@ -26,6 +26,7 @@ from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
 from busserve.bus.embedded import EmbeddedNats
 from busserve.bus.subjects import Subjects
+from busserve.messages import Final
 from busserve.security.dev_tls import write_dev_tls
 from busserve.security.server_config import Credentials, authorization_config
 from busserve.testing import ProcessCluster, Wire
@@ -68,6 +69,8 @@ async def drive(cfg: BusConfig, prompts: list[list[int]], tokens: int, concurren
             await wire.all_ended(600, linger_s=0.0)
             wall = time.monotonic() - t0
             wire.check_all()
+            failed = [s.terminal for s in wire.streams.values() if not isinstance(s.terminal, Final)]
+            assert not failed, failed[:3]
             out = sum(len(s.tokens) for s in wire.streams.values())
             ttft = [s.token_times()[0] - s.sent_at for s in wire.streams.values() if s.token_times()]
             return {"tok_s": out / wall, "wall_s": wall, "tokens": out, "ttft_p50_s": percentile(ttft, 50)}
@@ -110,7 +113,7 @@ def main() -> None:
     prompts = [tok.apply_chat_template([{"role": "user", "content": f"Write a story about {rng.choice(topics)} "
                                                                     f"and {rng.choice(topics)}."}],
                                        add_generation_prompt=True, tokenize=True) for _ in range(args.requests)]
-    prompts = [list(p["input_ids"] if isinstance(p, dict) else p) for p in prompts]
+    prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]  # a BatchEncoding, or ids
     results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as d:
         tls_dir = Path(d)

@@ -103,6 +103,8 @@ class SamplingParams(_Msg, tag="sampling"):
     # sampled token's alone). From the model's own logits (log_softmax before penalties and temperature, as
     # vLLM reports them). None: none.
     logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    include_stop_str_in_output: bool = False  # the stop string that ended the output is part of its text
+    skip_special_tokens: bool = True  # special tokens (EOS, chat markers) are left out of the text
 
     def __post_init__(self) -> None:
         _finite("temperature", self.temperature)

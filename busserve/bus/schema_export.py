@@ -47,7 +47,16 @@ def channels(subjects: Subjects | None = None) -> list[Channel]:
                 "A request's token stream: StreamStatus events (who holds the request), TokenChunk events (check "
                 "index: a gap means a lost event), then exactly one Final or Error. Any subject may be used (the "
                 "generate request's reply-to); this is the default.", "send"),
-        Channel("cancel", s.cancel(), (m.Cancel,), "Cancel a request; routers and engines listen.", "receive"),
+        Channel("generateAsOwner", s.generate("{owner}"), (m.GenerateRequest,),
+                "The same on a secured server: a client may publish only under its own name (its NATS user) and "
+                "the reply-to must lie in its own inbox space, _INBOX.<owner>.>; routers refuse any other.",
+                "receive", reply=(m.StreamStatus, m.TokenChunk, m.Final, m.Error)),
+        Channel("cancel", s.cancel(), (m.Cancel,),
+                "Cancel a request: clients on an open server; on a secured one only routers publish here (by the "
+                "router's id for the request), engines listen.", "receive"),
+        Channel("cancelAsOwner", s.cancel("{owner}"), (m.Cancel,),
+                "A client's cancel on a secured server, under its own name: it counts for its own requests only.",
+                "receive"),
         Channel("strategy", s.strategy("{strategyName}"), (m.RoutedRequest, m.Ack),
                 "Requests forwarded by a router to a strategy running as its own process (queue group); an Ack "
                 "is a ping, answered at once.", "send", reply=(m.StrategyResult, m.Ack, m.Error)),

@@ -2,7 +2,8 @@
 
 Text is produced token by token with the ``tokenizers`` library's DecodeStream (which withholds bytes until they
 form whole characters). Stop strings are matched on the text: output stops right before the first match, and text
-that could still turn into a stop string is held back until it cannot — so no client ever sees part of a stop.
+that could still turn into a stop string is held back until it cannot — so no client ever sees part of a stop
+(unless it asked for the stop string itself: ``include_stop``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from tokenizers.decoders import DecodeStream
 
 
 class Detokenizer:
-    def __init__(self, tokenizer: Any, stop: list[str] | None = None, *, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Any, stop: list[str] | None = None, *, skip_special_tokens: bool = True,
+                 include_stop: bool = False) -> None:
+        """``include_stop``: the stop string that ends the output is part of it (vLLM's
+        ``include_stop_str_in_output``); by default output ends right before it."""
+        self.include_stop = include_stop
         self._backend = tokenizer._tokenizer  # the Rust tokenizer behind a transformers "fast" tokenizer
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self.stop = [s for s in (stop or []) if s]
@@ -45,7 +50,7 @@ class Detokenizer:
             if hits:
                 at, which = min(hits)
                 self.stopped_by = which
-                out = self._text[self._emitted : at]
+                out = self._text[self._emitted : at + (len(which) if self.include_stop else 0)]
                 self._emitted = len(self._text)
                 return out
             end = len(self._text) - self._held_tail()

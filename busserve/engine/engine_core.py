@@ -320,7 +320,8 @@ class EngineCore:
     def generate_ctx(self, *, stream_subject: str, content_type: ContentType, include_usage: bool,
                      sampling: SamplingParams, trace: object, label: str, supervisor: str = "",
                      output_offset: int = 0, streamed: list[int] | None = None) -> GenerateCtx:
-        detok = Detokenizer(self.loaded.tokenizer, sampling.stop)
+        detok = Detokenizer(self.loaded.tokenizer, sampling.stop, skip_special_tokens=sampling.skip_special_tokens,
+                            include_stop=sampling.include_stop_str_in_output)
         if streamed:
             detok.prime(streamed)
         state = SamplingState.from_params(sampling)

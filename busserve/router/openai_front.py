@@ -181,6 +181,7 @@ class Front:
         if want_lp and self.texts is None:
             return error_response("invalid_request", "this front has no tokenizer to spell log-probabilities with",
                                   "logprobs")
+        texts = self.texts.for_request(gen.sampling.skip_special_tokens) if want_lp and self.texts else None
         stream = self.bus.generate(gen, first_event_timeout_s=self.first_event_timeout_s)
         model = body.model or next((st.model for st in self.live_engines()), "")
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + (gen.request_id or ""), "created": int(time.time()),
@@ -193,7 +194,7 @@ class Front:
             done, _ = await asyncio.wait({first_task}, timeout=HEADERS_AFTER_S)
             if not done:
                 return StreamingResponse(self._sse_after_wait(first_task, stream, meta, chat,
-                                                              gen.stream.include_usage, want_lp),
+                                                              gen.stream.include_usage, texts),
                                          media_type="text/event-stream", headers=SSE_HEADERS)
         try:
             first = await first_task
@@ -205,13 +206,13 @@ class Front:
             await stream.aclose()
             return error_response(first.code, first.message, first.field)
         if body.stream:
-            return StreamingResponse(self._sse(first, stream, meta, chat, gen.stream.include_usage, want_lp),
+            return StreamingResponse(self._sse(first, stream, meta, chat, gen.stream.include_usage, texts),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        return await self._whole(first, stream, meta, chat, want_lp)
+        return await self._whole(first, stream, meta, chat, texts)
 
     async def _sse_after_wait(self, first_task: asyncio.Future[StreamEvent], stream: AsyncIterator[StreamEvent],
-                              meta: dict[str, Any], chat: bool, include_usage: bool, logprobs: bool
-                              ) -> AsyncIterator[bytes]:
+                              meta: dict[str, Any], chat: bool, include_usage: bool,
+                              texts: TokenTexts | None) -> AsyncIterator[bytes]:
         try:
             yield KEEPALIVE
             while True:
@@ -231,11 +232,11 @@ class Front:
             first_task.cancel()
             await stream.aclose()  # the client went away while waiting: cancel the request
             raise
-        async for part in self._sse(first, stream, meta, chat, include_usage, logprobs):
+        async for part in self._sse(first, stream, meta, chat, include_usage, texts):
             yield part
 
     async def _whole(self, first: StreamEvent, stream: AsyncIterator[StreamEvent], meta: dict[str, Any],
-                     chat: bool, logprobs: bool = False) -> Response:
+                     chat: bool, texts: TokenTexts | None = None) -> Response:
         text: list[str] = []
         lps: list[TokenLogprob] = []
         final: Final | None = None
@@ -257,9 +258,8 @@ class Front:
         assert final is not None
         content = "".join(text)
         choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(final), "logprobs": None}
-        if logprobs and self.texts is not None:
-            choice["logprobs"] = ({"content": chat_content(lps, self.texts)} if chat else
-                                  CompletionLogprobs(self.texts).part(lps))
+        if texts is not None:
+            choice["logprobs"] = ({"content": chat_content(lps, texts)} if chat else CompletionLogprobs(texts).part(lps))
         if chat:
             choice["message"] = {"role": "assistant", "content": content}
         else:
@@ -268,9 +268,9 @@ class Front:
                              "choices": [choice], "usage": _usage(final)})
 
     async def _sse(self, first: StreamEvent, stream: AsyncIterator[StreamEvent], meta: dict[str, Any], chat: bool,
-                   include_usage: bool, logprobs: bool = False) -> AsyncIterator[bytes]:
+                   include_usage: bool, texts: TokenTexts | None = None) -> AsyncIterator[bytes]:
+        """``texts``: spell each chunk's log-probabilities with it (None: the request asked for none)."""
         kind = "chat.completion.chunk" if chat else "text_completion"
-        texts = self.texts if logprobs else None
         completion_lps = CompletionLogprobs(texts) if texts is not None and not chat else None
 
         def chunk(delta_text: str | None, finish: str | None, role: bool = False,

@@ -40,6 +40,14 @@ class TokenTexts:
         # Special tokens (EOS, chat markers) never reach the text (skip_special_tokens), so they are not listed.
         self.hidden = frozenset(getattr(tokenizer, "all_special_ids", []) or [])
 
+    def for_request(self, skip_special_tokens: bool) -> TokenTexts:
+        """The same table (one cache), listing special tokens too where the request keeps them in its text."""
+        if skip_special_tokens:
+            return self
+        view = TokenTexts.__new__(TokenTexts)
+        view.tokenizer, view._cache, view.hidden = self.tokenizer, self._cache, frozenset()
+        return view
+
     def shown(self, lps: list[TokenLogprob]) -> list[TokenLogprob]:
         return [lp for lp in lps if lp.token_id not in self.hidden]
 

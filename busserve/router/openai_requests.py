@@ -161,6 +161,7 @@ IMPLEMENTED = frozenset({
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stream",
     "stream_options", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "seed", "user", "top_k", "min_p",
     "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "request_id", "logprobs", "top_logprobs",
+    "include_stop_str_in_output", "skip_special_tokens",
 })
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (None, 1), "best_of": (None, 1),
@@ -170,7 +171,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "response_format": (None, {"type": "text"}), "guided_json": (None,), "guided_regex": (None,),
     "guided_choice": (None,), "guided_grammar": (None,), "guided_decoding_backend": (None,),
     "guided_whitespace_pattern": (None,), "structured_outputs": (None,), "logits_processors": (None,),
-    "include_stop_str_in_output": (False,), "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
     "use_beam_search": (False,), "length_penalty": (None, 1, 1.0), "bad_words": (None, []),
     "allowed_token_ids": (None,), "truncate_prompt_tokens": (None,), "priority": (None, 0),
     "return_tokens_as_token_ids": (False,), "cache_salt": (None,), "kv_transfer_params": (None,),
@@ -263,6 +264,8 @@ def _sampling(body: _Sampling, max_tokens: int | None) -> SamplingParams:
     try:
         return msgspec.convert({**{k: v for k, v in given.items() if v is not None}, "stop": stop,
                                 "stop_token_ids": body.stop_token_ids or [], "ignore_eos": body.ignore_eos,
+                                "include_stop_str_in_output": body.include_stop_str_in_output,
+                                "skip_special_tokens": body.skip_special_tokens,
                                 "logit_bias": bias, "max_tokens": max_tokens or 1024},
                                SamplingParams)
     except InvalidField as exc:

@@ -121,3 +121,28 @@ def test_stop_string_through_the_engine(tiny: LoadedModel) -> None:
         text = "".join(e.text for e in events if isinstance(e, TokenChunk))
         assert text == full[: full.index(stop)]
         assert events[-1].finish_reason == "stop" and events[-1].stop_reason == stop
+
+
+@pytest.mark.parametrize(("text", "stop", "want"), [
+    ("The answer is 42. The end.", ["."], "The answer is 42."),
+    ("alpha beta gamma delta", ["gamma", "beta"], "alpha beta"),
+    ("split stop string", ["p st"], "split stop st"),
+])
+def test_include_stop_keeps_the_stop_string_and_nothing_after(tiny: LoadedModel, text: str, stop: list[str],
+                                                              want: str) -> None:
+    d = Detokenizer(tiny.tokenizer, stop, include_stop=True)
+    out = ""
+    for t in tiny.tokenizer(text)["input_ids"]:
+        out += d.push(t)
+        if d.stopped_by:
+            break
+    assert out + d.flush() == want
+
+
+def test_special_tokens_kept_when_asked(tiny: LoadedModel) -> None:
+    tok = tiny.tokenizer
+    ids = tok("Hi")["input_ids"] + [tok.eos_token_id]
+    kept = Detokenizer(tok, skip_special_tokens=False)
+    skipped = Detokenizer(tok)
+    assert "".join(kept.push(t) for t in ids) + kept.flush() == "Hi" + tok.eos_token
+    assert "".join(skipped.push(t) for t in ids) + skipped.flush() == "Hi"
