@@ -105,6 +105,9 @@ def channels(subjects: Subjects | None = None) -> list[Channel]:
                 "GPU engines of one NVSHMEM group fetch the group's unique id from rank 0 before nvshmem init.",
                 "receive", reply=(m.NvshmemId, m.Error)),
         Channel("routersStatus", s.routers_status(), (m.RouterStatus,), "Router heartbeats.", "send"),
+        Channel("routerPing", s.router_ping("{routerId}"), (m.Ack,),
+                "Answered by the router serving under this id; a router asks before it takes the id (no responders: "
+                "the id is free).", "receive", reply=(m.Ack,)),
     ]
 
 

@@ -13,6 +13,7 @@
     busserve.v1.engines.<id>.kv                  engine KV events
     busserve.v1.kv.<id>                          KV data chunks for engine <id> (bus transport)
     busserve.v1.routers.status                   router heartbeats
+    busserve.v1.router.<id>.ping                 answered by the router with that id (id collision check)
     busserve.v1.control.strategy                 SetStrategy, answered by a router
     busserve.v1.stream.<request_id>              default stream subject for clients that do not pick one
 """
@@ -131,6 +132,10 @@ class Subjects:
     # routers
     def routers_status(self) -> str:
         return f"{self.root}.routers.status"
+
+    def router_ping(self, router_id: str) -> str:
+        """Answered by the router serving under this id (an Ack): how a new router learns its id is taken."""
+        return f"{self.root}.router.{_token(router_id, 'router id')}.ping"
 
     # JetStream key-value bucket holding the live configuration (active strategy, engine roles)
     def config_bucket(self) -> str:

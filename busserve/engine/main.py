@@ -16,6 +16,7 @@ import torch
 from busserve.bus.background import BackgroundLoop
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
+from busserve.bus.identity import IdInUse
 from busserve.engine.attention_backends import unavailable_reason
 from busserve.engine.engine_core import EngineConfig, EngineCore, PoolTooSmall
 from busserve.engine.model_loader import LoadedModel, load_model, resolve_dtype
@@ -163,7 +164,7 @@ def run_engine_command(args: argparse.Namespace, cfg: BusConfig) -> int:
         return 2
     try:
         run_engine_process(opts, cfg)
-    except (PoolTooSmall, SharedMemoryError) as exc:
+    except (PoolTooSmall, SharedMemoryError, IdInUse) as exc:
         print(f"busserve engine: {exc}", flush=True)
         return 2
     except ConnectionError as exc:

@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 
 from busserve.bus import codec
 from busserve.bus.client import MISSED_HEARTBEATS, Bus, request_content_type
+from busserve.bus.identity import check_engine_id_free
 from busserve.bus.subjects import Subjects
 from busserve.config_store import ConfigStore, ConfigUnavailable, roles_key
 from busserve.engine.engine_core import EngineCore
@@ -129,6 +130,7 @@ class EngineService:
         """Subscribe and heartbeat; with ``run_core`` also start the compute loop on its own thread (otherwise
         the caller runs ``core.run()`` — the engine process does, on its main thread)."""
         self.loop = asyncio.get_running_loop()
+        await check_engine_id_free(self.bus, self.engine_id)  # before anything is subscribed under it
         self.core.emit = self._emit_threadsafe
         if self.core.kv.shm_name is not None and "shm" in self.core.config.transports:
             self.core.transports["shm"] = ShmTransport(self.core.kv, self.core.transfer_executor, self.bus, self.loop)

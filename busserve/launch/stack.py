@@ -30,6 +30,7 @@ from pathlib import Path
 
 from busserve.bus.config import BusConfig, clear_up_state, state_dir, write_up_state
 from busserve.bus.embedded import EmbeddedNats, _die_with_parent, free_port
+from busserve.bus.identity import host_scoped_id
 from busserve.bus.subjects import Subjects
 from busserve.launch.readiness import wait_for_engines
 from busserve.launch.signals import StopFlag
@@ -89,8 +90,8 @@ def engine_command(args: argparse.Namespace, engine_id: str, threads: int, roles
     return cmd
 
 
-def router_command(args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, "-m", "busserve.cli", "--log-level", args.log_level, "router", "--id", "router-0",
+def router_command(args: argparse.Namespace, router_id: str = "router-0") -> list[str]:
+    cmd = [sys.executable, "-m", "busserve.cli", "--log-level", args.log_level, "router", "--id", router_id,
            "--strategy", args.strategy, "--http-host", args.http_host, "--http-port", str(args.http_port)]
     for p in args.param:
         cmd += ["--param", p]
@@ -248,7 +249,11 @@ def launch_cluster(args: argparse.Namespace, config: BusConfig) -> int:
     server: EmbeddedNats | None = None
     creds: Credentials | None = None
     creds_path: Path | None = None
-    engine_ids = [f"e{i}" for i in range(args.engines)]
+    # On its own server the stack's ids are short; joining another's, they carry this host and a random suffix
+    # (and each process checks its id is free before serving), so two hosts never share one.
+    prefix = "" if not config.servers else host_scoped_id("up") + "-"
+    engine_ids = [f"{prefix}e{i}" for i in range(args.engines)]
+    router_id = f"{prefix}router-0"
     if config.servers:
         url = config.servers[0]
     elif getattr(args, "insecure", False):
@@ -256,7 +261,7 @@ def launch_cluster(args: argparse.Namespace, config: BusConfig) -> int:
         url = server.url
         config.servers = [url]
     else:
-        server, creds, creds_path = secure_embedded_server(engine_ids, ["router-0"], args.nats_port,
+        server, creds, creds_path = secure_embedded_server(engine_ids, [router_id], args.nats_port,
                                                           Subjects(config.subject_prefix))
         server.start()
         url = server.url
@@ -282,7 +287,7 @@ def launch_cluster(args: argparse.Namespace, config: BusConfig) -> int:
             children.append(child)
             assert child.proc is not None
             print(f"engine {eid}: pid {child.proc.pid}, cores {shares[i]}, roles {role}", flush=True)
-        router = Child("router", router_command(args), env_of("router-0"))
+        router = Child("router", router_command(args, router_id), env_of(router_id))
         router.start()
         children.append(router)
         statuses = asyncio.run(wait_for_engines(

@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 
 from busserve.bus import codec
 from busserve.bus.client import Bus, request_content_type
+from busserve.bus.identity import check_router_id_free
 from busserve.config_store import ConfigStore, ConfigUnavailable
 from busserve.errors import BusserveError, MalformedMessage, RemoteError
 from busserve.messages import (
@@ -126,6 +127,8 @@ class Router:
 
     async def start(self) -> None:
         s = self.bus.subjects
+        await check_router_id_free(self.bus, self.config.router_id)
+        self._subs.append(await self.bus.subscribe(s.router_ping(self.config.router_id), self._on_ping))
         self._subs.append(await self.bus.subscribe(s.engines_status(), self._on_engine_status))
         self._subs.append(await self.bus.subscribe(s.all_kv_events(), self._on_kv_events))
         await self._load_strategy()
@@ -411,6 +414,9 @@ class Router:
     def _on_resume(self, flight: Flight, lost: str) -> None:
         self.resumed += 1
         self.telemetry.on_resume(flight, lost)
+
+    async def _on_ping(self, msg: Msg) -> None:
+        await self.bus.respond(msg, Ack())
 
     async def _on_cancel(self, msg: Msg) -> None:
         """A client's cancel names its own id (the label), and counts only for requests it sent (the owner in the

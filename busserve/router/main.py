@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
+from busserve.bus.identity import IdInUse
 from busserve.engine.model_loader import resolve_model_dir
 from busserve.router.dispatcher import Router, RouterConfig
 from busserve.router.http_guard import Guard, Limits, load_api_keys
@@ -106,6 +107,9 @@ def run_router_command(args: argparse.Namespace, cfg: BusConfig) -> int:
 
     try:
         asyncio.run(main())
+    except IdInUse as exc:
+        print(f"busserve router: {exc}", flush=True)
+        return 2
     except (ConnectionError, OSError, ValueError) as exc:
         print(f"busserve router: {exc}", flush=True)
         return 1

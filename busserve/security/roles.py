@@ -57,6 +57,8 @@ def rules(subjects: Subjects) -> list[Rule]:
         Rule("_INBOX.{name}.>", (), ROLES, "the identity's own inbox: replies and its streams"),
         Rule("_INBOX.>", ("router", "engine"), ("router",),
              "token streams and replies to anyone who asked; a router follows the streams it routes (to resume them)"),
+        Rule(f"{root}.router.*.ping", ("router",), (), "is this router id taken? (asked before serving under it)"),
+        Rule(f"{root}.router.{{name}}.ping", (), ("router",), "a router answers under its own id"),
         Rule(f"{root}.routers.status", ("router",), ("client", "router", "operator"),
              "router heartbeats (a client watches the router holding its request)"),
         Rule(f"{root}.engines.status", ("engine",), ("router", "strategy", "operator"), "engine heartbeats"),
@@ -68,6 +70,7 @@ def rules(subjects: Subjects) -> list[Rule]:
         *[Rule(f"{root}.engine.*.{a}", _senders_of(a), (), f"engine action {a}")
           for a in dict.fromkeys(ROUTER_ACTIONS + OPERATOR_ACTIONS)],
         Rule(f"{root}.engine.{{name}}.*", (), ("engine",), "an engine hears its own actions only"),
+        Rule(f"{root}.engine.{{name}}.probe", ("engine",), (), "is this engine id taken? (asked before serving)"),
         Rule(f"{root}.strategy.*", ("router",), ("strategy",), "routers hand requests to strategy processes"),
         Rule(f"{root}.control.strategy", ("operator",), ("router",), "switch the strategy (a router answers)"),
         # The live configuration (JetStream key-value): services and operators read it; routers and operators
