@@ -16,7 +16,7 @@ import torch
 from busserve.bus.background import BackgroundLoop
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
-from busserve.bus.identity import IdInUse
+from busserve.bus.identity import IdInUse, check_engine_id_free
 from busserve.engine.attention_backends import unavailable_reason
 from busserve.engine.engine_core import EngineConfig, EngineCore, PoolTooSmall
 from busserve.engine.model_loader import LoadedModel, load_model, resolve_dtype
@@ -94,20 +94,23 @@ def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> Engine
 def run_engine_process(opts: EngineOptions, bus_config: BusConfig) -> None:
     """Serve until SIGINT/SIGTERM: compute on this (main) thread, bus I/O on a background event loop."""
     tel = telemetry.configure("busserve-engine", opts.engine_id, serve_metrics=opts.metrics_port > 0)
-    core = build_core(opts)
-    EngineTelemetry(core, tracing=tel.tracing)
-    metrics_url = ""
-    if opts.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(opts.metrics_port, addr=opts.metrics_host, registry=tel.prometheus_registry)
-        host = socket.gethostname() if opts.metrics_host in ("0.0.0.0", "::") else opts.metrics_host
-        metrics_url = f"http://{host}:{opts.metrics_port}/metrics"
     io = BackgroundLoop(name=f"engine-{opts.engine_id}-bus")
     bus: Bus | None = None
     service: EngineService | None = None
+    core: EngineCore | None = None
     try:
+        # The bus and the id first: a taken id or an unreachable server is said in a second, not after loading.
         bus = io.run(Bus.connect(bus_config, name=f"busserve-engine-{opts.engine_id}"))
+        io.run(check_engine_id_free(bus, opts.engine_id))
+        core = build_core(opts)
+        EngineTelemetry(core, tracing=tel.tracing)
+        metrics_url = ""
+        if opts.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(opts.metrics_port, addr=opts.metrics_host, registry=tel.prometheus_registry)
+            host = socket.gethostname() if opts.metrics_host in ("0.0.0.0", "::") else opts.metrics_host
+            metrics_url = f"http://{host}:{opts.metrics_port}/metrics"
         service = EngineService(bus, core, ServiceConfig(roles=list(opts.roles),  # type: ignore[arg-type]
                                                          metrics_url=metrics_url, drain_grace_s=opts.drain_grace_s))
         io.run(service.start(run_core=False))
@@ -119,7 +122,8 @@ def run_engine_process(opts: EngineOptions, bus_config: BusConfig) -> None:
             io.run(service.stop(), timeout=60)
         if bus is not None:
             io.run(bus.close(), timeout=10)
-        core.stop()
+        if core is not None:
+            core.stop()
         io.close()
         tel.shutdown()
 
