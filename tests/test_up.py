@@ -144,6 +144,15 @@ def test_sampling_parameters_and_tokenizer_endpoints(up: Up, client: openai.Open
                                      temperature=0, frequency_penalty=2.0, presence_penalty=1.0,
                                      extra_body={"min_tokens": 8, "repetition_penalty": 1.2})
     assert out2.usage is not None and out2.usage.completion_tokens == 8
+    echoed = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
+                                       max_tokens=4, temperature=0, echo=True)
+    plain = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
+                                      max_tokens=4, temperature=0)
+    assert echoed.choices[0].text == "The capital of France is" + plain.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=4, temperature=0, echo=True,
+        stream=True) if c.choices)
+    assert streamed == echoed.choices[0].text
     with pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=2, n=2)
     assert "n=2" in str(refused.value)

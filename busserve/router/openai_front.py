@@ -182,6 +182,11 @@ class Front:
             return error_response("invalid_request", "this front has no tokenizer to spell log-probabilities with",
                                   "logprobs")
         texts = self.texts.for_request(gen.sampling.skip_special_tokens) if want_lp and self.texts else None
+        echo = ""
+        if getattr(body, "echo", False):  # completions: the prompt's text comes first
+            if gen.prompt is None and self.tokenizer is None:
+                return error_response("invalid_request", "this front has no tokenizer to echo token ids with", "echo")
+            echo = gen.prompt if gen.prompt is not None else self.tokenizer.decode(gen.prompt_token_ids)
         stream = self.bus.generate(gen, first_event_timeout_s=self.first_event_timeout_s)
         model = body.model or next((st.model for st in self.live_engines()), "")
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + (gen.request_id or ""), "created": int(time.time()),
@@ -194,7 +199,7 @@ class Front:
             done, _ = await asyncio.wait({first_task}, timeout=HEADERS_AFTER_S)
             if not done:
                 return StreamingResponse(self._sse_after_wait(first_task, stream, meta, chat,
-                                                              gen.stream.include_usage, texts),
+                                                              gen.stream.include_usage, texts, echo),
                                          media_type="text/event-stream", headers=SSE_HEADERS)
         try:
             first = await first_task
@@ -206,13 +211,13 @@ class Front:
             await stream.aclose()
             return error_response(first.code, first.message, first.field)
         if body.stream:
-            return StreamingResponse(self._sse(first, stream, meta, chat, gen.stream.include_usage, texts),
+            return StreamingResponse(self._sse(first, stream, meta, chat, gen.stream.include_usage, texts, echo),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        return await self._whole(first, stream, meta, chat, texts)
+        return await self._whole(first, stream, meta, chat, texts, echo)
 
     async def _sse_after_wait(self, first_task: asyncio.Future[StreamEvent], stream: AsyncIterator[StreamEvent],
                               meta: dict[str, Any], chat: bool, include_usage: bool,
-                              texts: TokenTexts | None) -> AsyncIterator[bytes]:
+                              texts: TokenTexts | None, echo: str = "") -> AsyncIterator[bytes]:
         try:
             yield KEEPALIVE
             while True:
@@ -232,11 +237,11 @@ class Front:
             first_task.cancel()
             await stream.aclose()  # the client went away while waiting: cancel the request
             raise
-        async for part in self._sse(first, stream, meta, chat, include_usage, texts):
+        async for part in self._sse(first, stream, meta, chat, include_usage, texts, echo):
             yield part
 
     async def _whole(self, first: StreamEvent, stream: AsyncIterator[StreamEvent], meta: dict[str, Any],
-                     chat: bool, texts: TokenTexts | None = None) -> Response:
+                     chat: bool, texts: TokenTexts | None = None, echo: str = "") -> Response:
         text: list[str] = []
         lps: list[TokenLogprob] = []
         final: Final | None = None
@@ -256,7 +261,7 @@ class Front:
         finally:
             await stream.aclose()
         assert final is not None
-        content = "".join(text)
+        content = echo + "".join(text)
         choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(final), "logprobs": None}
         if texts is not None:
             choice["logprobs"] = ({"content": chat_content(lps, texts)} if chat else CompletionLogprobs(texts).part(lps))
@@ -268,7 +273,7 @@ class Front:
                              "choices": [choice], "usage": _usage(final)})
 
     async def _sse(self, first: StreamEvent, stream: AsyncIterator[StreamEvent], meta: dict[str, Any], chat: bool,
-                   include_usage: bool, texts: TokenTexts | None = None) -> AsyncIterator[bytes]:
+                   include_usage: bool, texts: TokenTexts | None = None, echo: str = "") -> AsyncIterator[bytes]:
         """``texts``: spell each chunk's log-probabilities with it (None: the request asked for none)."""
         kind = "chat.completion.chunk" if chat else "text_completion"
         completion_lps = CompletionLogprobs(texts) if texts is not None and not chat else None
@@ -291,6 +296,8 @@ class Front:
         try:
             if chat:
                 yield chunk("", None, role=True)
+            elif echo:
+                yield chunk(echo, None)
             event: StreamEvent | None = first
             while event is not None:
                 if isinstance(event, TokenChunk):

@@ -165,7 +165,7 @@ IMPLEMENTED = frozenset({
 })
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (None, 1), "best_of": (None, 1),
-    "prompt_logprobs": (None,), "echo": (False,), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+    "prompt_logprobs": (None,), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
     "parallel_tool_calls": (None,), "functions": (None, []), "function_call": (None, "none"),
     "modalities": (None, ["text"]), "audio": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
     "response_format": (None, {"type": "text"}), "guided_json": (None,), "guided_regex": (None,),
@@ -180,6 +180,9 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "add_special_tokens": (False, True), "documents": (None,), "chat_template": (None,),
     "chat_template_kwargs": (None, {}), "mm_processor_kwargs": (None,),
 }
+# Implemented on one endpoint only: completions' echo (the prompt's text before the output). Chat's echo (vLLM's:
+# repeat the last message) is refused.
+COMPLETIONS_ONLY = frozenset({"echo"})
 REFUSED = frozenset(_NEUTRAL)
 # add_special_tokens: neutral is the endpoint's own default (False for chat, True for completions).
 _DEFAULT_SPECIAL = {"chat": False, "completion": True}
@@ -299,6 +302,8 @@ def message_text(m: MessageBody, i: int) -> str:
 def chat_request(raw: bytes) -> tuple[GenerateRequest, ChatCompletionBody]:
     body = decode(raw, ChatCompletionBody)
     _refuse_unsupported(body, "chat")
+    if body.echo:
+        raise BadRequest("echo=True is not supported by busserve for chat (it is for completions)", "echo")
     if not body.messages:
         raise BadRequest("messages must be a non-empty list", "messages")
     turns = [ChatMessage(role=m.role, content=message_text(m, i)) for i, m in enumerate(body.messages)]
@@ -308,6 +313,9 @@ def chat_request(raw: bytes) -> tuple[GenerateRequest, ChatCompletionBody]:
 def completion_request(raw: bytes) -> tuple[GenerateRequest, CompletionBody]:
     body = decode(raw, CompletionBody)
     _refuse_unsupported(body, "completion")
+    if body.echo and body.logprobs is not None:
+        raise BadRequest("echo with logprobs needs the prompt's log-probabilities, which busserve does not compute",
+                         "echo")
     prompt: Any = body.prompt
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
