@@ -91,6 +91,19 @@ async def test_clients_see_only_their_own_requests(tiny_dir: Path, tiny: LoadedM
             await store.close()
             events = await _collect(alice, _req("after-switch", prompt(tiny, 12, 6), 3))
             assert isinstance(events[-1], Final), events[-1]
+
+            # A strategy as its own process, under the strategy role: it composes the actions, routers reach it.
+            c.start("strategy", "strategy", "serve", "tests.router.custom_strategy:pinned", "--name", "custom",
+                    "--nats", c.url)
+            for _ in range(100):
+                try:
+                    await set_strategy(operator, "custom", {"target": "A"})
+                    break
+                except Exception:
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)  # the process's own view hears the engines' next heartbeat
+            events = await _collect(alice, _req("via-process", prompt(tiny, 12, 7), 3))
+            assert isinstance(events[-1], Final) and events[-1].engine_id == "A", events[-1]
         finally:
             for b in (alice, bob, operator):
                 await b.close()
