@@ -4,7 +4,9 @@
     busserve security init DIR --engine e0 --engine e1 --router r0 --client alice
                                               credentials.json (0600) with a random password per identity,
                                               nats-server.conf with their grants; --tls adds a CA, a server
-                                              certificate and TLS on the client port (dev-grade: openssl, 1 year)
+                                              certificate and TLS on the client port (dev-grade: openssl, 1 year);
+                                              --cluster 3 writes node-1..3.conf, routes authenticated and, with
+                                              --tls, TLS-verified both ways
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ def add_parser(sub: Any) -> None:
     i.add_argument("--tls", action="store_true", help="also a CA and a server certificate (needs openssl)")
     i.add_argument("--tls-host", action="append", default=[], metavar="NAME",
                    help="a name or IP the server certificate is for (default localhost and 127.0.0.1)")
+    i.add_argument("--cluster", type=int, default=1, metavar="N",
+                   help="N nodes of one NATS cluster: node-<i>.conf each, routes between them authenticated (and "
+                        "TLS-verified with --tls); client port --port + i, route port --cluster-port + i")
+    i.add_argument("--cluster-port", type=int, default=6222)
+    i.add_argument("--node-host", action="append", default=[], metavar="HOST",
+                   help="where node i is reached by its peers, in order (default --host for all)")
     i.add_argument("--subject-prefix", default="busserve")
     p.set_defaults(func=run)
 
@@ -46,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace, subjects: Any) -> int:
+    import secrets
+
     from busserve.security.dev_tls import write_dev_tls
     from busserve.security.server_config import Credentials, authorization_config
 
@@ -54,17 +64,40 @@ def _init(args: argparse.Namespace, subjects: Any) -> int:
     creds = Credentials.for_stack(args.engine or ["e0"], args.router or ["router-0"],
                                   clients=tuple(args.client or ["client"]))
     creds.save(out / "credentials.json")
-    lines = [f'listen: "{args.host}:{args.port}"', "max_payload: 8MB", "max_pending: 256MB",
-             f'jetstream {{ store_dir: "{(out / "jetstream").resolve().as_posix()}" }}']
     if args.tls:
-        write_dev_tls(out, args.tls_host or ["localhost", "127.0.0.1"])
-        lines.append(f'tls {{ cert_file: "{(out / "server.pem").resolve()}", '
-                     f'key_file: "{(out / "server-key.pem").resolve()}", ca_file: "{(out / "ca.pem").resolve()}" }}')
-    conf = out / "nats-server.conf"
-    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds every password
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n" + authorization_config(list(creds.identities.values()), subjects))
-    print(f"wrote {conf} and {out / 'credentials.json'} ({len(creds.identities)} identities: "
+        hosts = args.tls_host or sorted({"localhost", "127.0.0.1", *args.node_host})
+        write_dev_tls(out, hosts)
+    n = max(1, args.cluster)
+    node_hosts = args.node_host or [args.host] * n
+    if len(node_hosts) != n:
+        raise SystemExit(f"--node-host given {len(node_hosts)} times for {n} nodes")
+    route_password = secrets.token_urlsafe(24)
+    authorization = authorization_config(list(creds.identities.values()), subjects)
+    written = []
+    for i in range(n):
+        lines = [f'listen: "{args.host}:{args.port + i}"', "max_payload: 8MB", "max_pending: 256MB",
+                 f'jetstream {{ store_dir: "{(out / f"jetstream-{i + 1}" if n > 1 else out / "jetstream").resolve()}" }}']
+        if args.tls:
+            lines.append(f"tls {{ {_tls_files(out)} }}")
+        if n > 1:
+            routes = ", ".join(f'"nats-route://busserve-route:{route_password}@{node_hosts[j]}:{args.cluster_port + j}"'
+                               for j in range(n) if j != i)
+            tls = f"\n  tls {{ {_tls_files(out)}, verify: true }}" if args.tls else ""
+            lines += [f'server_name: "node-{i + 1}"',
+                      f'cluster {{\n  name: "busserve"\n  listen: "{args.host}:{args.cluster_port + i}"\n'
+                      f'  authorization {{ user: "busserve-route", password: "{route_password}" }}\n'
+                      f"  routes: [{routes}]{tls}\n}}"]
+        conf = out / (f"node-{i + 1}.conf" if n > 1 else "nats-server.conf")
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds every password
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n" + authorization)
+        written.append(conf.name)
+    print(f"wrote {', '.join(written)} and credentials.json in {out} ({len(creds.identities)} identities: "
           f"{', '.join(f'{i.name} ({i.role})' for i in creds.identities.values())})")
     print("each process reads its identity from BUSSERVE_NATS_USER / BUSSERVE_NATS_PASSWORD (never a flag)")
     return 0
+
+
+def _tls_files(out: Path) -> str:
+    return (f'cert_file: "{(out / "server.pem").resolve()}", key_file: "{(out / "server-key.pem").resolve()}", '
+            f'ca_file: "{(out / "ca.pem").resolve()}"')
