@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -37,6 +38,17 @@ class ConfigUnavailable(Exception):
     pass
 
 
+def config_replicas(bus: Bus) -> int:
+    """Replicas of the config bucket: 3 on a NATS cluster (one node's loss keeps the strategy readable and
+    writable everywhere, so routers never fall back to a local choice and diverge), 1 on a single server.
+    ``BUSSERVE_CONFIG_REPLICAS`` overrides."""
+    explicit = os.environ.get("BUSSERVE_CONFIG_REPLICAS")
+    if explicit:
+        return int(explicit)
+    info = getattr(bus.nc, "_server_info", {}) or {}
+    return 3 if info.get("cluster") else 1
+
+
 class ConfigStore:
     def __init__(self, bus: Bus, kv: KeyValue) -> None:
         self.bus = bus
@@ -49,7 +61,8 @@ class ConfigStore:
         js = bus.nc.jetstream(timeout=5)
         bucket = bus.subjects.config_bucket()
         try:
-            kv = await js.create_key_value(bucket=bucket, history=8, description="busserve live configuration")
+            kv = await js.create_key_value(bucket=bucket, history=8, description="busserve live configuration",
+                                           replicas=config_replicas(bus))
         except nats.js.errors.BadRequestError:
             kv = await js.key_value(bucket)  # exists with another config: use it as it is
         except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError,

@@ -18,8 +18,9 @@ import pytest
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
 from busserve.bus.embedded import free_port, nats_server_binary
+from busserve.config_store import ConfigStore
 from busserve.errors import NoResponders
-from busserve.messages import Ack, Cancel
+from busserve.messages import Ack, Cancel, StrategyState
 from busserve.security.server_config import Credentials
 
 OPS = Path(__file__).resolve().parent.parent / "ops" / "nats"
@@ -144,6 +145,14 @@ async def test_security_init_cluster_carries_requests_across_tls_routes(tmp_path
                 break
         assert got is not None and got.data == b"routed:busserve.v1.generate.alice"
         assert got.subject.startswith("_INBOX.alice.")
+        # The live configuration: three replicas on a cluster, readable and writable with a node gone.
+        operator = await Bus.connect(at(1, "operator"), name="t-operator")
+        buses.append(operator)
+        store = await ConfigStore.open(operator)
+        info = await operator.nc.jetstream().stream_info(f"KV_{operator.subjects.config_bucket()}")
+        assert info.config.num_replicas == 3
+        await store.put_strategy(StrategyState(name="pd", params={}, updated_by="t"))
+        await store.close()
         bob = await Bus.connect(at(1, "bob"), name="t-bob")
         buses.append(bob)
         errors: list[str] = []
@@ -156,6 +165,20 @@ async def test_security_init_cluster_carries_requests_across_tls_routes(tmp_path
         await bob.nc.flush()
         await asyncio.sleep(0.3)
         assert any("permissions violation" in e for e in errors), errors
+        procs[2].terminate()  # node 3 goes; the router's and alice's clients lose their server, the store stays
+        procs[2].wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                store = await ConfigStore.open(operator)
+                await store.put_strategy(StrategyState(name="least_loaded", params={}, updated_by="t"))
+                stored = await store.get_strategy()
+                break
+            except Exception:  # new JetStream and stream leaders are elected within seconds
+                assert time.monotonic() < deadline, "the config bucket did not survive one node"
+                await asyncio.sleep(0.3)
+        assert stored is not None and stored.name == "least_loaded"
+        await store.close()
     finally:
         for b in buses:
             await b.close()
