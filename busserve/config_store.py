@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -38,6 +39,9 @@ class ConfigUnavailable(Exception):
     pass
 
 
+CLUSTER_JETSTREAM_WAIT_S = 30.0
+
+
 def config_replicas(bus: Bus) -> int:
     """Replicas of the config bucket: 3 on a NATS cluster (one node's loss keeps the strategy readable and
     writable everywhere, so routers never fall back to a local choice and diverge), 1 on a single server.
@@ -60,15 +64,25 @@ class ConfigStore:
     async def open(cls, bus: Bus) -> ConfigStore:
         js = bus.nc.jetstream(timeout=5)
         bucket = bus.subjects.config_bucket()
-        try:
-            kv = await js.create_key_value(bucket=bucket, history=8, description="busserve live configuration",
-                                           replicas=config_replicas(bus))
-        except nats.js.errors.BadRequestError:
-            kv = await js.key_value(bucket)  # exists with another config: use it as it is
-        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError,
-                nats.errors.TimeoutError) as exc:
-            raise ConfigUnavailable(f"JetStream is not available on this NATS server ({exc}); "
-                                    "run nats-server with -js (busserve up does)") from exc
+        replicas = config_replicas(bus)
+        # A cluster that has just started elects its JetStream leader within seconds: wait for it there, rather
+        # than serve without the shared configuration. A single server without JetStream says so at once.
+        deadline = time.monotonic() + (CLUSTER_JETSTREAM_WAIT_S if replicas > 1 else 0.0)
+        while True:
+            try:
+                kv = await js.create_key_value(bucket=bucket, history=8, description="busserve live configuration",
+                                               replicas=replicas)
+                break
+            except nats.js.errors.BadRequestError:
+                kv = await js.key_value(bucket)  # exists with another config: use it as it is
+                break
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError,
+                    nats.errors.TimeoutError) as exc:
+                if time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+                    continue
+                raise ConfigUnavailable(f"JetStream is not available on this NATS server ({exc}); "
+                                        "run nats-server with -js (busserve up does)") from exc
         return cls(bus, kv)
 
     async def _get(self, key: str, tp: type[T]) -> tuple[T, int] | None:
