@@ -16,7 +16,7 @@ import torch
 from busserve.bus.background import BackgroundLoop
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
-from busserve.bus.identity import IdInUse, check_engine_id_free
+from busserve.bus.identity import IdInUse
 from busserve.engine.attention_backends import unavailable_reason
 from busserve.engine.engine_core import EngineConfig, EngineCore, PoolTooSmall
 from busserve.engine.model_loader import LoadedModel, load_model, resolve_dtype
@@ -99,10 +99,10 @@ def run_engine_process(opts: EngineOptions, bus_config: BusConfig) -> None:
     service: EngineService | None = None
     core: EngineCore | None = None
     try:
-        # The bus and the id first: a taken id or an unreachable server is said in a second, not after loading.
-        bus = io.run(Bus.connect(bus_config, name=f"busserve-engine-{opts.engine_id}"))
-        io.run(check_engine_id_free(bus, opts.engine_id))
+        # The configuration first (a pool that cannot hold the context is refused without any bus), then the bus;
+        # the id is checked by the service before it subscribes anything under it.
         core = build_core(opts)
+        bus = io.run(Bus.connect(bus_config, name=f"busserve-engine-{opts.engine_id}"))
         EngineTelemetry(core, tracing=tel.tracing)
         metrics_url = ""
         if opts.metrics_port:
