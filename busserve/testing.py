@@ -57,11 +57,6 @@ class ProcessCluster:
     # as it (through its environment); None: an open server.
     credentials: Credentials | None = None
 
-    @classmethod
-    def secured(cls, engine_ids: list[str], router_ids: list[str], **kw: Any) -> ProcessCluster:
-        """A cluster whose server admits only the identities of ``Credentials.for_stack`` with their grants."""
-        return cls(credentials=Credentials.for_stack(engine_ids, router_ids), **kw)
-
     def __enter__(self) -> ProcessCluster:
         if self.credentials is not None:
             self.nats.extra_config = authorization_config(list(self.credentials.identities.values()), Subjects())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+from typing import Any
 
 from busserve.bus.client import Bus
 from busserve.errors import BusserveError, NoResponders, RequestTimeout
@@ -28,28 +29,23 @@ def host_scoped_id(kind: str) -> str:
 
 async def check_engine_id_free(bus: Bus, engine_id: str, timeout_s: float = 3.0) -> None:
     """Raise :class:`IdInUse` if an engine already serves as ``engine_id`` on this bus."""
-    try:
-        await bus.request(bus.subjects.engine_action(engine_id, "probe"), Probe(request_id="-"), ProbeReply,
-                          timeout_s=timeout_s)
-    except NoResponders:
-        return
-    except RequestTimeout:
-        raise IdInUse(f"engine id {engine_id!r}: something listens on its subjects but does not answer; "
-                      "pick another --id", field="id") from None
-    except BusserveError:
-        pass  # it answered, with an error: still somebody
-    raise IdInUse(f"engine id {engine_id!r} is already serving on this bus; pick another --id", field="id")
+    await _check_free(bus, bus.subjects.engine_action(engine_id, "probe"), Probe(request_id="-"), ProbeReply,
+                      f"engine id {engine_id!r}", timeout_s)
 
 
 async def check_router_id_free(bus: Bus, router_id: str, timeout_s: float = 3.0) -> None:
     """Raise :class:`IdInUse` if a router already answers on ``router_id``'s ping subject."""
+    await _check_free(bus, bus.subjects.router_ping(router_id), Ack(), Ack, f"router id {router_id!r}", timeout_s)
+
+
+async def _check_free(bus: Bus, subject: str, ask: Any, reply: type[Any], what: str, timeout_s: float) -> None:
     try:
-        await bus.request(bus.subjects.router_ping(router_id), Ack(), Ack, timeout_s=timeout_s)
+        await bus.request(subject, ask, reply, timeout_s=timeout_s)
     except NoResponders:
         return
     except RequestTimeout:
-        raise IdInUse(f"router id {router_id!r}: something listens on its subject but does not answer; "
-                      "pick another --id", field="id") from None
+        raise IdInUse(f"{what}: something listens on its subject but does not answer; pick another --id",
+                      field="id") from None
     except BusserveError:
-        pass
-    raise IdInUse(f"router id {router_id!r} is already serving on this bus; pick another --id", field="id")
+        pass  # it answered, with an error: still somebody
+    raise IdInUse(f"{what} is already serving on this bus; pick another --id", field="id")

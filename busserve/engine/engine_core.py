@@ -230,9 +230,11 @@ class EngineCore:
             if self.protocol.migrations.active:
                 self.protocol.migrations.advance()
             ctxs = [gen_ctx(s) for s in sample_seqs]
-            processed = process_logits(logits, [
-                Row(c.logits, s.token_ids, len(s.token_ids) - c.output_offset - s.num_output)
-                for s, c in zip(sample_seqs, ctxs, strict=True)])
+            processed = logits
+            if any(c.logits.active for c in ctxs):  # penalties, bias, min_tokens: rows only when someone asks
+                processed = process_logits(logits, [
+                    Row(c.logits, s.token_ids, len(s.token_ids) - c.output_offset - s.num_output)
+                    for s, c in zip(sample_seqs, ctxs, strict=True)])
             tokens = sample(processed, [c.sampling for c in ctxs])
             logprobs = token_logprobs(logits, tokens, [c.logprobs for c in ctxs])
             for seq, tok, lp in zip(sample_seqs, tokens, logprobs, strict=True):
@@ -336,7 +338,8 @@ class EngineCore:
                                 end_token_ids=tuple(sorted(ends)))
         return GenerateCtx(
             stream_subject=stream_subject, content_type=content_type, include_usage=include_usage,
-            sampling=state, logits=logits, logprobs=sampling.logprobs, max_tokens=sampling.max_tokens, stop_token_ids=frozenset(sampling.stop_token_ids),
+            sampling=state, logits=logits, logprobs=sampling.logprobs, max_tokens=sampling.max_tokens,
+            stop_token_ids=frozenset(sampling.stop_token_ids),
             ignore_eos=sampling.ignore_eos, detok=detok, trace=trace, label=label, supervisor=supervisor,
             output_offset=output_offset,
         )

@@ -109,7 +109,6 @@ class Router:
         self.in_flight: dict[str, Flight] = {}  # by engine-side id of the first attempt
         # Cancels can overtake their request (it may still be tokenizing): remember recent ones (by label).
         self.cancelled: OrderedDict[tuple[str, str], None] = OrderedDict()  # (owner, label), newest last
-        self.refused_reply_to = 0  # requests dropped for a reply subject outside their sender's inbox
         self.completed = 0
         self.failed = 0
         self.resumed = 0
@@ -261,7 +260,6 @@ class Router:
         owner = self.bus.subjects.owner_of(msg.subject)
         if owner and not self.bus.subjects.in_inbox_of(owner, msg.reply):
             # A stream into someone else's inbox: answering there would be the forgery, so nothing is published.
-            self.refused_reply_to += 1
             log.warning("generate from %s with reply subject %r outside its inbox %s.>; dropped", owner, msg.reply,
                         self.bus.subjects.inbox_prefix(owner))
             return

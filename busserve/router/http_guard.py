@@ -20,7 +20,6 @@ import hmac
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -188,6 +187,3 @@ class Guard:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-
-def guard_from_env(app: ASGIApp, keys_file: str | None, limits: Limits) -> Guard:
-    return Guard(app, load_api_keys(keys_file, os.environ.get("BUSSERVE_API_KEYS")), limits)

@@ -139,10 +139,12 @@ class Front:
                 raise BadRequest("give exactly one of prompt and messages", "prompt")
             gen = GenerateRequest(prompt=body.prompt, messages=None if body.messages is None else [
                 ChatMessage(role=m.role, content=message_text(m, i)) for i, m in enumerate(body.messages)])
+            loop = asyncio.get_running_loop()  # tokenizing is CPU work: off the event loop, as the router does
             if body.prompt is not None and not body.add_special_tokens:
-                ids = list(self.tokenizer(body.prompt, add_special_tokens=False)["input_ids"])
+                ids = await loop.run_in_executor(None, lambda: list(self.tokenizer(
+                    body.prompt, add_special_tokens=False)["input_ids"]))
             else:
-                ids = await asyncio.get_running_loop().run_in_executor(None, prompt_token_ids, self.tokenizer, gen)
+                ids = await loop.run_in_executor(None, prompt_token_ids, self.tokenizer, gen)
         except BadRequest as exc:
             return error_response("invalid_request", str(exc), exc.param)
         except BusserveError as exc:
@@ -229,8 +231,7 @@ class Front:
                 first = first_task.result()
             except (BusserveError, StopAsyncIteration) as exc:
                 code = exc.code if isinstance(exc, BusserveError) else "internal"
-                yield _event({"error": {"message": str(exc) or "no response", "code": code, "param": None,
-                                        "type": ERROR_TYPE.get(HTTP_STATUS.get(code, 500), "server_error")}})
+                yield _error_event(code, str(exc) or "no response")
                 yield b"data: [DONE]\n\n"
                 return
         except BaseException:
@@ -308,9 +309,7 @@ class Front:
                     if include_usage:
                         yield _event({**meta, "object": kind, "choices": [], "usage": _usage(event)})
                 elif isinstance(event, Error):
-                    yield _event({"error": {"message": event.message, "code": event.code, "param": event.field,
-                                            "type": ERROR_TYPE.get(HTTP_STATUS.get(event.code, 500),
-                                                                   "server_error")}})
+                    yield _error_event(event.code, event.message, event.field)
                 event = await anext(stream, None)
         except BusserveError as exc:
             yield _event({"error": {"message": str(exc), "code": exc.code, "type": "server_error"}})
@@ -322,6 +321,12 @@ class Front:
 
 def _event(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _error_event(code: str, message: str, param: str | None = None) -> bytes:
+    """An error inside a stream that has begun (its HTTP status is sent already), OpenAI-shaped."""
+    kind = ERROR_TYPE.get(HTTP_STATUS.get(code, 500), "server_error")
+    return _event({"error": {"message": message, "code": code, "param": param, "type": kind}})
 
 
 def _finish(final: Final) -> str:

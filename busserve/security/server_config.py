@@ -35,8 +35,7 @@ class Identity:
         return {"BUSSERVE_NATS_USER": self.name, "BUSSERVE_NATS_PASSWORD": self.password}
 
     def bus_config(self, base: BusConfig) -> BusConfig:
-        cfg = BusConfig(**{**asdict(base), "user": self.name, "password": self.password, "identity": None})
-        return cfg
+        return BusConfig(**{**asdict(base), "user": self.name, "password": self.password, "identity": None})
 
 
 def _quote(value: str) -> str:
