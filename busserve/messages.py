@@ -29,6 +29,7 @@ MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default bound
 
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_STOP_STRINGS = 16
+MAX_GRAMMAR_CHARS = 1 << 16
 
 FinishReason = Literal["stop", "length", "cancelled"]
 ErrorCode = Literal[
@@ -73,6 +74,29 @@ class _Msg(Struct, kw_only=True, omit_defaults=True, tag_field="type"):
 # --------------------------------------------------------------------------------------------- requests
 
 
+class StructuredOutput(_Msg, tag="structured_output"):
+    """The output's format, enforced on the engine as a token mask (llguidance): exactly one of a JSON Schema
+    (``{"type": "object"}`` for any JSON object), a regular expression, a list of choices, or a grammar (Lark, or
+    GBNF as llama.cpp writes it). The output ends where the format is complete."""
+
+    json_schema: dict[str, Any] | None = None
+    regex: Annotated[str, Meta(min_length=1, max_length=MAX_GRAMMAR_CHARS)] | None = None
+    choice: Annotated[list[Annotated[str, Meta(min_length=1, max_length=4096)]],
+                      Meta(min_length=1, max_length=1024)] | None = None
+    grammar: Annotated[str, Meta(min_length=1, max_length=MAX_GRAMMAR_CHARS)] | None = None
+    # JSON only: the whitespace allowed between tokens of the value (a regex; vLLM's guided_whitespace_pattern).
+    # None: none beyond ", " and ": " (a small model given free whitespace pads values with newlines).
+    whitespace_pattern: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("json_schema", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        if len(given) != 1:
+            got = ", ".join(given) or "none"
+            raise InvalidField("structured_output", f"give exactly one of json_schema, regex, choice, grammar (got {got})")
+        if self.whitespace_pattern is not None and self.json_schema is None:
+            raise InvalidField("structured_output.whitespace_pattern", "applies to json_schema only")
+
+
 class SamplingParams(_Msg, tag="sampling"):
     """How to pick tokens and when to stop. Defaults follow the OpenAI API."""
 
@@ -105,6 +129,7 @@ class SamplingParams(_Msg, tag="sampling"):
     logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     include_stop_str_in_output: bool = False  # the stop string that ended the output is part of its text
     skip_special_tokens: bool = True  # special tokens (EOS, chat markers) are left out of the text
+    structured_output: StructuredOutput | None = None  # the format the output must have (None: free text)
 
     def __post_init__(self) -> None:
         _finite("temperature", self.temperature)

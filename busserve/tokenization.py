@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from busserve import structured_output
 from busserve.errors import BusserveError
 from busserve.messages import ErrorCode, GenerateRequest, SamplingParams
 
@@ -60,8 +61,13 @@ def prompt_token_ids(tokenizer: Any, req: GenerateRequest) -> list[int]:
     return list(tokenizer(req.prompt)["input_ids"])
 
 
-def check_sampling_token_ids(tokenizer: Any, sampling: SamplingParams) -> None:
-    """Token ids in the sampling settings (``stop_token_ids``, ``logit_bias``) must be in the vocabulary."""
+def check_sampling(tokenizer: Any, sampling: SamplingParams) -> None:
+    """Token ids in the sampling settings (``stop_token_ids``, ``logit_bias``) must be in the vocabulary, and a
+    structured output must compile (milliseconds for a small schema; run it off an event loop)."""
+    try:
+        structured_output.check(sampling.structured_output)
+    except structured_output.GrammarRejected as exc:
+        raise RequestRejected("invalid_request", str(exc), field=exc.field) from None
     vocab = vocab_size(tokenizer)
     for i, t in enumerate(sampling.stop_token_ids):
         if t >= vocab:

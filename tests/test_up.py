@@ -4,7 +4,9 @@ the engine comes back); then stopped with Ctrl-C (SIGINT)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,7 +14,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import openai
 import pytest
 
@@ -187,6 +191,49 @@ def test_logprobs_streamed_and_not(up: Up, client: openai.OpenAI) -> None:
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     assert all(len(top) <= 2 and max(top.values()) >= tl - 1e-6 for top, tl in zip(lp.top_logprobs,
                                                                                   lp.token_logprobs, strict=True))
+
+
+STRUCTURED_SCHEMAS: list[dict[str, Any]] = [
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                      "country": {"type": "string", "maxLength": 40}},
+     "required": ["city", "country"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "answer": {"enum": ["yes", "no"]},
+        "reasons": {"type": "array", "items": {"type": "string", "maxLength": 60}, "minItems": 1, "maxItems": 3},
+        "source": {"type": "object", "properties": {"year": {"type": "integer", "minimum": 1000, "maximum": 2100},
+                                                    "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{2}$"}},
+                   "required": ["year", "code"], "additionalProperties": False}},
+     "required": ["answer", "reasons", "source"], "additionalProperties": False},
+]
+
+
+def test_structured_outputs_on_the_real_model(up: Up, client: openai.OpenAI) -> None:
+    """response_format json_schema (nested objects, enums, arrays, a regex pattern) and json_object, and vLLM's
+    guided_choice and guided_regex, streamed and not, through the pd strategy: every output parses and validates."""
+    ask: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "max_tokens": 160, "temperature": 0}
+    question = [{"role": "user", "content": "Where is the Eiffel Tower? Answer in JSON."}]
+    for schema in STRUCTURED_SCHEMAS:
+        fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+        whole = client.chat.completions.create(messages=question, response_format=fmt, **ask)  # type: ignore
+        assert whole.choices[0].finish_reason == "stop", whole
+        jsonschema.validate(json.loads(whole.choices[0].message.content or ""), schema)
+        streamed = client.chat.completions.create(messages=question, response_format=fmt, stream=True,  # type: ignore
+                                                  **ask)
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert text == whole.choices[0].message.content  # greedy: the same value either way
+    obj = client.chat.completions.create(messages=question, response_format={"type": "json_object"}, **ask)
+    assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
+    choice = client.completions.create(prompt="Is Paris in France? Answer:", extra_body={
+        "guided_choice": ["yes", "no"]}, **ask)
+    assert choice.choices[0].text in ("yes", "no")
+    date = client.completions.create(prompt="The date today, as YYYY-MM-DD:", extra_body={
+        "guided_regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"}, **ask)
+    assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", date.choices[0].text)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(messages=question, response_format={  # type: ignore[call-overload]
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}, **ask)
+    assert bad.value.body["param"] == "response_format"  # type: ignore[index]
+    assert client.chat.completions.create(messages=question, **ask).choices[0].message.content  # still serving
 
 
 def test_the_default_stack_is_secured(up: Up) -> None:

@@ -58,6 +58,7 @@ from busserve.kv.storage import KVStorage, shm_segment_name
 from busserve.kv.transfer.base import KVTransport
 from busserve.kv.transfer.bus import LandingZones
 from busserve.messages import Error, KVCleared, KVEventBatch, KVStored, SamplingParams, TokenLogprob
+from busserve.structured_output import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class EngineCore:
         self.transports: dict[str, KVTransport] = {}
         self.landing = LandingZones(self.kv)
         self.outputs = StreamWriter(config.engine_id, loaded.eos_token_ids, self.max_model_len, config.heartbeat_s)
+        self.grammars = Grammars(loaded.tokenizer, loaded.eos_token_ids)  # structured outputs' matchers
         self.protocol = SubRequests(self, self.kv, self.transports, self.landing, list(config.transports))
         self.counters = EngineCounters()
         self._kv_event_seq = 0
@@ -235,10 +237,18 @@ class EngineCore:
                 processed = process_logits(logits, [
                     Row(c.logits, s.token_ids, len(s.token_ids) - c.output_offset - s.num_output)
                     for s, c in zip(sample_seqs, ctxs, strict=True)])
+            failed: dict[int, str] = {}
+            if any(c.grammar is not None for c in ctxs):  # structured outputs: the format's mask on its rows
+                if processed is logits:
+                    processed = logits.float().clone()
+                processed, failed = self.grammars.constrain(processed, [c.grammar for c in ctxs])
             tokens = sample(processed, [c.sampling for c in ctxs])
             logprobs = token_logprobs(logits, tokens, [c.logprobs for c in ctxs])
-            for seq, tok, lp in zip(sample_seqs, tokens, logprobs, strict=True):
-                self._append_token(seq, tok, out, lp)
+            for i, (seq, tok, lp) in enumerate(zip(sample_seqs, tokens, logprobs, strict=True)):
+                if i in failed:
+                    self._fail_format(seq, failed[i], out)
+                else:
+                    self._append_token(seq, tok, out, lp)
             self.counters.steps += 1
         self._collect_kv_events(out)
         if out:
@@ -259,9 +269,21 @@ class EngineCore:
             ctx.t_first_token_ns = time.time_ns()
             ctx.cached_tokens = seq.num_cached
         self.counters.generated_tokens += 1
+        if ctx.grammar is not None:
+            problem = self.grammars.advance(ctx.grammar, tok)
+            if problem is not None:
+                self._fail_format(seq, problem, out)
+                return
         finish = self.outputs.token(seq, tok, out, logprob)
         if finish is not None:
             self.finish(seq, finish)
+
+    def _fail_format(self, seq: Sequence, problem: str, out: list[Outbound]) -> None:
+        """A structured output that cannot go on (a grammar no router checked, or one that ran out of llguidance's
+        limits): the request ends with an error naming the format, never with text outside it."""
+        self.outputs.error(seq, Error(code="invalid_request", field="structured_output",
+                                      message=f"structured output: {problem}"), out)
+        self.finish(seq, "error")
 
     def finish(self, seq: Sequence, outcome: str, *, hold: bool = False) -> None:
         """Remove a sequence (its pages back, or ``hold``-ed for a quarantine) and count it."""
@@ -342,6 +364,8 @@ class EngineCore:
             stop_token_ids=frozenset(sampling.stop_token_ids),
             ignore_eos=sampling.ignore_eos, detok=detok, trace=trace, label=label, supervisor=supervisor,
             output_offset=output_offset,
+            grammar=None if sampling.structured_output is None
+            else self.grammars.matcher(sampling.structured_output, streamed or ()),
         )
 
     def _on_generate(self, cmd: GenerateCmd) -> None:

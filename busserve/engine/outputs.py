@@ -52,6 +52,8 @@ class StreamWriter:
             text = ctx.detok.push(tok)
             if ctx.detok.stopped_by is not None:
                 finish, stop_reason = "stop", ctx.detok.stopped_by
+        if finish is None and ctx.grammar is not None and ctx.grammar.is_stopped():
+            finish = "stop"  # the structured output is complete
         index = ctx.output_offset + seq.num_output - 1
         if finish is None and (index + 1 >= ctx.max_tokens or len(seq.token_ids) >= self.max_model_len):
             finish = "length"

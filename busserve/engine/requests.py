@@ -55,6 +55,7 @@ class GenerateCtx:
     # Routed requests are supervised by a router that resumes them elsewhere if this engine is lost; a direct
     # request (engine.<id>.generate) has nobody else and ends here whatever happens.
     supervisor: str = ""
+    grammar: Any = None  # the structured output's llguidance matcher (None: free text)
     output_offset: int = 0  # output tokens streamed before this engine took over (resumption)
     ended: bool = False  # its terminal event is out (outputs.StreamWriter.end)
     cached_tokens: int = 0

@@ -66,7 +66,7 @@ from busserve.messages import (
     StartGenerate,
 )
 from busserve.telemetry import propagation
-from busserve.tokenization import RequestRejected, prompt_token_ids
+from busserve.tokenization import RequestRejected, check_sampling, prompt_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +396,7 @@ class EngineService:
                                                        f"not {req.model!r}", field="model")
             loop = asyncio.get_running_loop()
             ids = await loop.run_in_executor(None, prompt_token_ids, self.core.loaded.tokenizer, req)
+            await loop.run_in_executor(None, check_sampling, self.core.loaded.tokenizer, req.sampling)
         except RequestRejected as exc:
             await self.bus.publish(msg.reply, exc.to_error(rid), content_type=ct)
             return

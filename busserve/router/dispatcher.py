@@ -60,7 +60,7 @@ from busserve.router.strategy import (
 from busserve.router.supervision import SupervisionConfig, Supervisor, release
 from busserve.telemetry import propagation
 from busserve.telemetry.router_telemetry import RouterTelemetry, sub_request_span
-from busserve.tokenization import RequestRejected, check_sampling_token_ids, prompt_token_ids
+from busserve.tokenization import RequestRejected, check_sampling, prompt_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ class Router:
                                   field="model")
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(None, prompt_token_ids, self.tokenizer, gen)
-        check_sampling_token_ids(self.tokenizer, gen.sampling)
+        await loop.run_in_executor(None, check_sampling, self.tokenizer, gen.sampling)
         limit = min(e.status.max_model_len for e in self.view.engines(model=gen.model))
         if len(ids) >= limit:
             raise RequestRejected("prompt_too_long", f"prompt has {len(ids)} tokens; the context is {limit} tokens "

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import busserve
+from busserve import structured_output
 from busserve.bus import codec
 from busserve.bus.client import Bus
 from busserve.errors import BusserveError, MalformedMessage
@@ -45,6 +46,7 @@ from busserve.router.openai_requests import (
     chat_request,
     completion_request,
     decode,
+    format_parameter,
     message_text,
 )
 from busserve.tokenization import prompt_token_ids, vocab_size
@@ -177,6 +179,12 @@ class Front:
             gen, body = build(await request.body())
         except BadRequest as exc:
             return error_response("invalid_request", str(exc), exc.param)
+        if gen.sampling.structured_output is not None:  # compiled here too, so that the 400 names the parameter
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, structured_output.check,
+                                                                 gen.sampling.structured_output)
+            except structured_output.GrammarRejected as exc:
+                return error_response("invalid_request", f"{format_parameter(body)}: {exc}", format_parameter(body))
         if body.user:
             trace.get_current_span().set_attribute("enduser.id", body.user)
         want_lp = gen.sampling.logprobs is not None

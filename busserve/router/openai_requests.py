@@ -55,6 +55,31 @@ class MessageBody(_Strict, kw_only=True):
 Number = float | int
 
 
+class JsonSchemaBody(_Strict, kw_only=True):
+    name: str = ""
+    schema: dict[str, Any] | None = None  # none: any JSON value
+    strict: bool | None = None  # busserve always enforces the schema (the mask does not know "loosely")
+    description: str | None = None
+
+
+class ResponseFormatBody(_Strict, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaBody | None = None
+
+
+class StructuredOutputsBody(_Strict, kw_only=True):
+    """vLLM's ``structured_outputs``: one format."""
+
+    json: Any = None  # a JSON Schema, as an object or as JSON text
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool | None = None  # what busserve does anyway (refused when false)
+    structural_tag: str | None = None  # refused
+
+
 class _Sampling(_Strict, kw_only=True):
     """Parameters both endpoints share (OpenAI's, then vLLM's)."""
 
@@ -94,8 +119,8 @@ class _Sampling(_Strict, kw_only=True):
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
-    structured_outputs: Any = None
-    response_format: Any = None
+    structured_outputs: StructuredOutputsBody | None = None
+    response_format: ResponseFormatBody | None = None
     logits_processors: Any = None
     priority: int | None = None
     request_id: str | None = None
@@ -161,16 +186,16 @@ IMPLEMENTED = frozenset({
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stream",
     "stream_options", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "seed", "user", "top_k", "min_p",
     "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "request_id", "logprobs", "top_logprobs",
-    "include_stop_str_in_output", "skip_special_tokens",
+    "include_stop_str_in_output", "skip_special_tokens", "response_format", "guided_json", "guided_regex",
+    "guided_choice", "guided_grammar", "guided_whitespace_pattern", "structured_outputs",
 })
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (None, 1), "best_of": (None, 1),
     "prompt_logprobs": (None,), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
     "parallel_tool_calls": (None,), "functions": (None, []), "function_call": (None, "none"),
     "modalities": (None, ["text"]), "audio": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
-    "response_format": (None, {"type": "text"}), "guided_json": (None,), "guided_regex": (None,),
-    "guided_choice": (None,), "guided_grammar": (None,), "guided_decoding_backend": (None,),
-    "guided_whitespace_pattern": (None,), "structured_outputs": (None,), "logits_processors": (None,),
+    # Structured outputs are llguidance's: a client that names that backend (or lets the server pick) is served.
+    "guided_decoding_backend": (None, "auto", "guidance", "llguidance"), "logits_processors": (None,),
     "spaces_between_special_tokens": (True,),
     "use_beam_search": (False,), "length_penalty": (None, 1, 1.0), "bad_words": (None, []),
     "allowed_token_ids": (None,), "truncate_prompt_tokens": (None,), "priority": (None, 0),
@@ -243,6 +268,74 @@ def _logprobs(body: _Sampling) -> int | None:
     return wanted
 
 
+def _structured_output(body: _Sampling) -> dict[str, Any] | None:
+    """The one output format the request asks for, from whichever of OpenAI's or vLLM's spellings it used (a
+    StructuredOutput's fields), or None. Two spellings in one request are refused: which would win is a guess."""
+    asked: list[tuple[str, dict[str, Any]]] = []
+    rf = body.response_format
+    if rf is not None and rf.type == "json_object":
+        asked.append(("response_format", {"json_schema": {"type": "object"}}))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None:
+            raise BadRequest("response_format.json_schema is required with type json_schema",
+                             "response_format.json_schema")
+        asked.append(("response_format", {"json_schema": rf.json_schema.schema or {}}))
+    if body.guided_json is not None:
+        asked.append(("guided_json", {"json_schema": _schema(body.guided_json, "guided_json")}))
+    for name, key in (("guided_regex", "regex"), ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        if getattr(body, name) is not None:
+            asked.append((name, {key: getattr(body, name)}))
+    so = body.structured_outputs
+    if so is not None:
+        if so.structural_tag is not None:
+            raise BadRequest("structured_outputs.structural_tag is not supported by busserve",
+                             "structured_outputs.structural_tag")
+        if so.disable_any_whitespace is False:
+            raise BadRequest("structured_outputs.disable_any_whitespace=false: give whitespace_pattern instead",
+                             "structured_outputs.disable_any_whitespace")
+        formats = {"json": so.json, "regex": so.regex, "choice": so.choice, "grammar": so.grammar,
+                   "json_object": so.json_object or None}
+        given = [k for k, v in formats.items() if v is not None]
+        if len(given) != 1:
+            raise BadRequest(f"structured_outputs takes exactly one of json, regex, choice, grammar, json_object "
+                             f"(got {', '.join(given) or 'none'})", "structured_outputs")
+        key = given[0]
+        spec: dict[str, Any] = (
+            {"json_schema": _schema(so.json, "structured_outputs.json")} if key == "json"
+            else {"json_schema": {"type": "object"}} if key == "json_object" else {key: formats[key]})
+        if so.whitespace_pattern is not None:
+            spec["whitespace_pattern"] = so.whitespace_pattern
+        asked.append(("structured_outputs", spec))
+    if len(asked) > 1:
+        raise BadRequest(f"{asked[1][0]} and {asked[0][0]} both ask for an output format; give one", asked[1][0])
+    if body.guided_whitespace_pattern is not None:
+        if not asked or "json_schema" not in asked[0][1]:
+            raise BadRequest("guided_whitespace_pattern applies to a JSON format only", "guided_whitespace_pattern")
+        asked[0][1]["whitespace_pattern"] = body.guided_whitespace_pattern
+    return asked[0][1] if asked else None
+
+
+def format_parameter(body: _Sampling) -> str:
+    """The parameter that asked for the request's output format (for errors found after translation)."""
+    if body.response_format is not None and body.response_format.type != "text":
+        return "response_format"
+    given = [n for n in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+             if getattr(body, n) is not None]
+    return given[0] if given else "response_format"
+
+
+def _schema(value: Any, name: str) -> dict[str, Any]:
+    """A JSON Schema given as an object or as JSON text."""
+    if isinstance(value, str):
+        try:
+            value = msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            raise BadRequest(f"{name} is not valid JSON", name) from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"{name} must be a JSON Schema (an object)", name)
+    return value
+
+
 def _sampling(body: _Sampling, max_tokens: int | None) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 16 or any(not s for s in stop):
@@ -262,7 +355,7 @@ def _sampling(body: _Sampling, max_tokens: int | None) -> SamplingParams:
         "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
         "min_p": body.min_p, "seed": body.seed, "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
-        "min_tokens": body.min_tokens, "logprobs": _logprobs(body),
+        "min_tokens": body.min_tokens, "logprobs": _logprobs(body), "structured_output": _structured_output(body),
     }
     try:
         return msgspec.convert({**{k: v for k, v in given.items() if v is not None}, "stop": stop,

@@ -45,7 +45,7 @@ VLLM_EXTRA: dict[str, Any] = {
     "include_stop_str_in_output": True, "skip_special_tokens": False, "spaces_between_special_tokens": False,
     "use_beam_search": True, "length_penalty": 0.5, "prompt_logprobs": 1, "bad_words": ["no"],
     "allowed_token_ids": [1, 2], "truncate_prompt_tokens": 4, "guided_json": {"type": "object"},
-    "guided_regex": "a+", "guided_choice": ["a", "b"], "guided_grammar": "root ::= 'a'",
+    "guided_regex": "a+", "guided_choice": ["a", "b"], "guided_grammar": 'root ::= "a"',
     "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ", "structured_outputs": {"regex": "a+"},
     "logits_processors": ["x"], "priority": 1, "request_id": "my-id-1", "return_tokens_as_token_ids": True,
     "cache_salt": "salt", "kv_transfer_params": {"x": 1}, "vllm_xargs": {"x": 1}, "response_format":
@@ -91,6 +91,8 @@ async def test_every_parameter_is_implemented_or_refused_by_name(app: Any, path:
     base = CHAT if "chat" in path else COMPLETION
     if name == "top_logprobs":
         base = {**base, "logprobs": True}  # OpenAI: top_logprobs goes with logprobs=true
+    if name == "guided_whitespace_pattern":
+        base = {**base, "guided_json": {"type": "object"}}  # vLLM: the whitespace of a JSON format
     status, out = await _status(app, path, {**base, name: value})
     if name in IMPLEMENTED or (name in COMPLETIONS_ONLY and "chat" not in path):
         assert status == 503, out  # past validation, on the bus: no router here
@@ -128,6 +130,21 @@ async def test_message_fields_that_cannot_reach_the_template_are_refused(app: An
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     ("/v1/chat/completions", {**CHAT, "frobnicate": 1}, "frobnicate"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, "response_format.type"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objectx"}}}}, "response_format"),
+    ("/v1/completions", {**COMPLETION, "guided_regex": "a(b"}, "guided_regex"),
+    ("/v1/completions", {**COMPLETION, "guided_json": "{not json"}, "guided_json"),
+    ("/v1/completions", {**COMPLETION, "guided_choice": []}, "structured_output.choice"),
+    ("/v1/completions", {**COMPLETION, "guided_grammar": "root ::= ("}, "guided_grammar"),
+    ("/v1/completions", {**COMPLETION, "guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}, "guided_regex": "a"},
+     "guided_regex"),
+    ("/v1/completions", {**COMPLETION, "structured_outputs": {}}, "structured_outputs"),
+    ("/v1/completions", {**COMPLETION, "structured_outputs": {"regex": "a", "structural_tag": "{}"}},
+     "structured_outputs.structural_tag"),
+    ("/v1/completions", {**COMPLETION, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
 ])
 async def test_bad_values_get_a_400_naming_the_field(app: Any, path: str, body: dict[str, Any], param: str) -> None:
     status, out = await _status(app, path, body)
