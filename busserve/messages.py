@@ -170,6 +170,9 @@ class GenerateRequest(_Msg, tag="generate"):
     # How many times a router may resume the request on another engine if its engine is lost mid-stream
     # (None: the router's default, 2 unless configured).
     resume_limit: Annotated[int, Meta(ge=0, le=16)] | None = None
+    # Run the whole request on this engine if it is up and serves the model, else as the strategy decides: where
+    # an earlier request left the same prompt in the engine's prefix cache (the choices of an ``n`` > 1 request).
+    engine_hint: EngineId | None = None
 
     def __post_init__(self) -> None:
         given = [n for n in ("prompt", "messages", "prompt_token_ids") if getattr(self, n) is not None]
@@ -528,6 +531,7 @@ class EngineStatus(_Msg, tag="engine_status"):
     # routers' to resume) and takes nothing more.
     state: Literal["serving", "draining", "stopped"] = "serving"
     quarantined_pages: int = 0  # pages of dropped receives kept until no sender can still write into them
+    prompt_tokens_computed: int = 0  # prompt tokens this engine has computed since it started (cache hits excluded)
 
 
 class KVStored(_Msg, tag="kv_stored"):

@@ -248,8 +248,10 @@ class Bus:
         content_type: ContentType = "msgpack",
         first_event_timeout_s: float = DEFAULT_FIRST_EVENT_TIMEOUT_S,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        statuses: bool = False,
     ) -> AsyncIterator[StreamEvent]:
-        """Publish a GenerateRequest (to the router by default) and yield its events up to the terminal one.
+        """Publish a GenerateRequest (to the router by default) and yield its events up to the terminal one
+        (``statuses``: StreamStatus events too, which say who holds the request).
 
         Leaving the loop early (break, exception, task cancelled) cancels the request on the servers.
         """
@@ -261,7 +263,8 @@ class Bus:
             await self.publish(target, request, reply=stream.subject, content_type=content_type)
             try:
                 async for event in stream.events(
-                    first_event_timeout_s=first_event_timeout_s, idle_timeout_s=idle_timeout_s, target=target
+                    first_event_timeout_s=first_event_timeout_s, idle_timeout_s=idle_timeout_s, target=target,
+                    statuses=statuses,
                 ):
                     if isinstance(event, (Final, Error)):
                         finished = True

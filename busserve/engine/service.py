@@ -308,6 +308,7 @@ class EngineService:
             prefix_hit_rate=core.cache.hit_rate, interval_s=self.config.heartbeat_s, seq=self._heartbeat_seq,
             metrics_url=self.config.metrics_url, pending_prefill_tokens=pending, decoding=decoding,
             draining=self.state != "serving", state=self.state, quarantined_pages=sched.held_pages,
+            prompt_tokens_computed=core.counters.prompt_tokens_computed,
         )
 
     # ------------------------------------------------------------------ inbound

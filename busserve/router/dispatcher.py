@@ -43,12 +43,13 @@ from busserve.messages import (
     StreamEvent,
     TokenChunk,
 )
-from busserve.router.cluster import ClusterView, Timeouts
+from busserve.router.cluster import ClusterView, Engine, Timeouts
 from busserve.router.lifecycle import Flight, State
 from busserve.router.mover import Mover
 from busserve.router.rebalance import RebalanceConfig
 from busserve.router.registry import BUILTINS
 from busserve.router.request import Request
+from busserve.router.strategies.common import run_on
 from busserve.router.strategy import (
     Cluster,
     NoEngine,
@@ -306,7 +307,7 @@ class Router:
                                                      "and at least one must be left for the output", field="prompt")
         return Request(request_id=self._new_id(), prompt_token_ids=ids, sampling=gen.sampling,
                        stream_subject=stream_subject, stream=gen.stream, content_type=ct, model=gen.model,
-                       label=label, supervisor=self.config.router_id)
+                       label=label, supervisor=self.config.router_id, engine_hint=gen.engine_hint or "")
 
     # ------------------------------------------------------------------ one request
 
@@ -367,6 +368,10 @@ class Router:
         return True
 
     async def _run_strategy(self, req: Request, active: ActiveStrategy) -> None:
+        hinted = self._hinted(req)
+        if hinted is not None:  # the client knows where its prompt is cached: data parallel there
+            await run_on(req, hinted)
+            return
         if active.fn is not None:
             await run_strategy(active.fn, req, Cluster(self.view, req.model), active.params)
             return
@@ -383,6 +388,13 @@ class Router:
         req.started_on = result.started_on
         if result.error is not None:
             raise RemoteError(result.error)
+
+    def _hinted(self, req: Request) -> Engine | None:
+        """The engine the request names, if it is up, not draining and serves the model (a resumed attempt whose
+        hinted engine died goes to the strategy)."""
+        if not req.engine_hint:
+            return None
+        return next((e for e in self.view.engines(role="decode", model=req.model) if e.id == req.engine_hint), None)
 
     def _on_stream(self, flight: Flight, msg: Msg) -> None:
         try:

@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from nats.aio.msg import Msg
 from opentelemetry import trace
 from starlette.applications import Starlette
@@ -38,12 +40,14 @@ from busserve.messages import (
     TokenChunk,
     TokenLogprob,
 )
+from busserve.router.openai_choices import best, choice_requests, merged
 from busserve.router.openai_logprobs import CompletionLogprobs, TokenTexts, chat_content
 from busserve.router.openai_requests import (
     BadRequest,
     DetokenizeBody,
     TokenizeBody,
     chat_request,
+    choices_asked,
     completion_request,
     decode,
     format_parameter,
@@ -177,6 +181,7 @@ class Front:
     async def _complete(self, request: Request, build: Any, chat: bool) -> Response:
         try:
             gen, body = build(await request.body())
+            n, best_of = choices_asked(body)
         except BadRequest as exc:
             return error_response("invalid_request", str(exc), exc.param)
         if gen.sampling.structured_output is not None:  # compiled here too, so that the 400 names the parameter
@@ -197,10 +202,13 @@ class Front:
             if gen.prompt is None and self.tokenizer is None:
                 return error_response("invalid_request", "this front has no tokenizer to echo token ids with", "echo")
             echo = gen.prompt if gen.prompt is not None else self.tokenizer.decode(gen.prompt_token_ids)
-        stream = self.bus.generate(gen, first_event_timeout_s=self.first_event_timeout_s)
+        if best_of > n and not want_lp:  # best_of ranks by log-probability: asked of the engine, not shown
+            gen.sampling = msgspec.structs.replace(gen.sampling, logprobs=0)
+        stream = merged(self.bus, choice_requests(gen, best_of), self.first_event_timeout_s)
         model = body.model or next((st.model for st in self.live_engines()), "")
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + (gen.request_id or ""), "created": int(time.time()),
                 "model": model}
+        view = _View(chat, texts, echo, n)
         first_task = asyncio.ensure_future(anext(stream))
         if body.stream:
             # A refusal that comes at once (overloaded, unknown model) keeps its HTTP status; a request that waits
@@ -208,8 +216,8 @@ class Front:
             # so proxies and clients do not time it out.
             done, _ = await asyncio.wait({first_task}, timeout=HEADERS_AFTER_S)
             if not done:
-                return StreamingResponse(self._sse_after_wait(first_task, stream, meta, chat,
-                                                              gen.stream.include_usage, texts, echo),
+                return StreamingResponse(self._sse_after_wait(first_task, stream, meta, view,
+                                                              gen.stream.include_usage),
                                          media_type="text/event-stream", headers=SSE_HEADERS)
         try:
             first = await first_task
@@ -217,17 +225,16 @@ class Front:
             await stream.aclose()
             code = exc.code if isinstance(exc, BusserveError) else "internal"
             return error_response(code, str(exc) or "no response")
-        if isinstance(first, Error):
+        if isinstance(first[1], Error):
             await stream.aclose()
-            return error_response(first.code, first.message, first.field)
+            return error_response(first[1].code, first[1].message, first[1].field)
         if body.stream:
-            return StreamingResponse(self._sse(first, stream, meta, chat, gen.stream.include_usage, texts, echo),
+            return StreamingResponse(self._sse(first, stream, meta, view, gen.stream.include_usage),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        return await self._whole(first, stream, meta, chat, texts, echo)
+        return await self._whole(first, stream, meta, view)
 
-    async def _sse_after_wait(self, first_task: asyncio.Future[StreamEvent], stream: AsyncIterator[StreamEvent],
-                              meta: dict[str, Any], chat: bool, include_usage: bool,
-                              texts: TokenTexts | None, echo: str = "") -> AsyncIterator[bytes]:
+    async def _sse_after_wait(self, first_task: asyncio.Future[Tagged], stream: AsyncGenerator[Tagged, None],
+                              meta: dict[str, Any], view: _View, include_usage: bool) -> AsyncIterator[bytes]:
         try:
             yield KEEPALIVE
             while True:
@@ -246,54 +253,62 @@ class Front:
             first_task.cancel()
             await stream.aclose()  # the client went away while waiting: cancel the request
             raise
-        async for part in self._sse(first, stream, meta, chat, include_usage, texts, echo):
+        async for part in self._sse(first, stream, meta, view, include_usage):
             yield part
 
-    async def _whole(self, first: StreamEvent, stream: AsyncIterator[StreamEvent], meta: dict[str, Any],
-                     chat: bool, texts: TokenTexts | None = None, echo: str = "") -> Response:
-        text: list[str] = []
-        lps: list[TokenLogprob] = []
-        final: Final | None = None
+    async def _whole(self, first: Tagged, stream: AsyncGenerator[Tagged, None], meta: dict[str, Any], view: _View
+                     ) -> Response:
+        got: dict[int, tuple[list[str], list[TokenLogprob], Final]] = {}
+        text: dict[int, list[str]] = {}
+        lps: dict[int, list[TokenLogprob]] = {}
         try:
-            event: StreamEvent | None = first
-            while event is not None:
+            item: Tagged | None = first
+            while item is not None:
+                i, event = item
                 if isinstance(event, TokenChunk):
-                    text.append(event.text)
-                    lps.extend(event.logprobs or [])
+                    text.setdefault(i, []).append(event.text)
+                    lps.setdefault(i, []).extend(event.logprobs or [])
                 elif isinstance(event, Final):
-                    final = event
+                    got[i] = (text.get(i, []), lps.get(i, []), event)
                 elif isinstance(event, Error):
                     return error_response(event.code, event.message, event.field)
-                event = await anext(stream, None)
+                item = await anext(stream, None)
         except BusserveError as exc:
             return error_response(exc.code, str(exc))
         finally:
             await stream.aclose()
-        assert final is not None
-        content = echo + "".join(text)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(final), "logprobs": None}
-        if texts is not None:
-            choice["logprobs"] = ({"content": chat_content(lps, texts)} if chat else CompletionLogprobs(texts).part(lps))
-        if chat:
-            choice["message"] = {"role": "assistant", "content": content}
-        else:
-            choice["text"] = content
-        return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion",
-                             "choices": [choice], "usage": _usage(final)})
+        ranked = [got[i] for i in sorted(got)]
+        keep = best(ranked, view.n) if len(ranked) > view.n else range(len(ranked))
+        choices = []
+        for index, i in enumerate(keep):
+            parts, token_lps, final = ranked[i]
+            choice: dict[str, Any] = {"index": index, "finish_reason": _finish(final), "logprobs": None}
+            if view.texts is not None:
+                choice["logprobs"] = ({"content": chat_content(token_lps, view.texts)} if view.chat
+                                      else CompletionLogprobs(view.texts).part(token_lps))
+            content = view.echo + "".join(parts)
+            if view.chat:
+                choice["message"] = {"role": "assistant", "content": content}
+            else:
+                choice["text"] = content
+            choices.append(choice)
+        return JSONResponse({**meta, "object": "chat.completion" if view.chat else "text_completion",
+                             "choices": choices, "usage": _usage([f for _, _, f in ranked])})
 
-    async def _sse(self, first: StreamEvent, stream: AsyncIterator[StreamEvent], meta: dict[str, Any], chat: bool,
-                   include_usage: bool, texts: TokenTexts | None = None, echo: str = "") -> AsyncIterator[bytes]:
-        """``texts``: spell each chunk's log-probabilities with it (None: the request asked for none)."""
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        completion_lps = CompletionLogprobs(texts) if texts is not None and not chat else None
+    async def _sse(self, first: Tagged, stream: AsyncGenerator[Tagged, None], meta: dict[str, Any], view: _View,
+                   include_usage: bool) -> AsyncIterator[bytes]:
+        """Each choice's chunks under its index (one choice unless ``n`` > 1), usage after the last choice ends."""
+        kind = "chat.completion.chunk" if view.chat else "text_completion"
+        completion_lps = {i: CompletionLogprobs(view.texts) for i in range(view.n)} \
+            if view.texts is not None and not view.chat else None
 
-        def chunk(delta_text: str | None, finish: str | None, role: bool = False,
+        def chunk(i: int, delta_text: str | None, finish: str | None, role: bool = False,
                   lps: list[TokenLogprob] | None = None) -> bytes:
-            choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-            if lps and texts is not None:
-                choice["logprobs"] = ({"content": chat_content(lps, texts)} if completion_lps is None
-                                      else completion_lps.part(lps))
-            if chat:
+            choice: dict[str, Any] = {"index": i, "finish_reason": finish, "logprobs": None}
+            if lps and view.texts is not None:
+                choice["logprobs"] = ({"content": chat_content(lps, view.texts)} if completion_lps is None
+                                      else completion_lps[i].part(lps))
+            if view.chat:
                 delta: dict[str, Any] = {"role": "assistant"} if role else {}
                 if delta_text is not None:
                     delta["content"] = delta_text
@@ -302,29 +317,50 @@ class Front:
                 choice["text"] = delta_text or ""
             return _event({**meta, "object": kind, "choices": [choice]})
 
+        finals: list[Final] = []
+        started: set[int] = set()
         try:
-            if chat:
-                yield chunk("", None, role=True)
-            elif echo:
-                yield chunk(echo, None)
-            event: StreamEvent | None = first
-            while event is not None:
+            item: Tagged | None = first
+            while item is not None:
+                i, event = item
+                if i not in started:
+                    started.add(i)
+                    if view.chat:
+                        yield chunk(i, "", None, role=True)
+                    elif view.echo:
+                        yield chunk(i, view.echo, None)
                 if isinstance(event, TokenChunk):
-                    if event.text or (texts is not None and texts.shown(event.logprobs or [])):
-                        yield chunk(event.text, None, lps=event.logprobs)
+                    if event.text or (view.texts is not None and view.texts.shown(event.logprobs or [])):
+                        yield chunk(i, event.text, None, lps=event.logprobs)
                 elif isinstance(event, Final):
-                    yield chunk(None if chat else "", _finish(event))
-                    if include_usage:
-                        yield _event({**meta, "object": kind, "choices": [], "usage": _usage(event)})
+                    yield chunk(i, None if view.chat else "", _finish(event))
+                    finals.append(event)
+                    if include_usage and len(finals) == view.n:
+                        yield _event({**meta, "object": kind, "choices": [], "usage": _usage(finals)})
                 elif isinstance(event, Error):
                     yield _error_event(event.code, event.message, event.field)
-                event = await anext(stream, None)
+                    break  # the other choices are cancelled as the stream closes
+                item = await anext(stream, None)
         except BusserveError as exc:
             yield _event({"error": {"message": str(exc), "code": exc.code, "type": "server_error"}})
         finally:
             # Closing the stream cancels the request if it is still running (client went away).
             await stream.aclose()
         yield b"data: [DONE]\n\n"
+
+
+Tagged = tuple[int, StreamEvent]  # an event and the index of the choice it belongs to
+
+
+@dataclass(frozen=True)
+class _View:
+    """How a response spells its choices: chat or completions, log-probabilities (None: not asked), the echoed
+    prompt, and how many choices the client sees."""
+
+    chat: bool
+    texts: TokenTexts | None
+    echo: str
+    n: int
 
 
 def _event(obj: dict[str, Any]) -> bytes:
@@ -341,13 +377,16 @@ def _finish(final: Final) -> str:
     return "length" if final.finish_reason == "length" else "stop"
 
 
-def _usage(final: Final) -> dict[str, Any]:
-    u = final.usage
-    if u is None:
+def _usage(finals: list[Final]) -> dict[str, Any]:
+    """One request's usage over its choices (OpenAI's: the prompt once, every choice's completion tokens; cached:
+    the fewest any choice found cached — the first choice's, as the others reuse what it computed)."""
+    used = [f.usage for f in finals if f.usage is not None]
+    if not used:
         return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+    prompt = used[0].prompt_tokens
+    completion = sum(u.completion_tokens for u in used)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": min(u.cached_tokens for u in used)}}
 
 
 def metrics_route(registry: Any) -> Route:

@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from busserve.messages import MAX_LOGPROBS, ChatMessage, GenerateRequest, InvalidField, SamplingParams, StreamOptions
+from busserve.router.openai_choices import MAX_CHOICES
 
 
 class BadRequest(Exception):
@@ -187,10 +188,9 @@ IMPLEMENTED = frozenset({
     "stream_options", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "seed", "user", "top_k", "min_p",
     "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "request_id", "logprobs", "top_logprobs",
     "include_stop_str_in_output", "skip_special_tokens", "response_format", "guided_json", "guided_regex",
-    "guided_choice", "guided_grammar", "guided_whitespace_pattern", "structured_outputs",
+    "guided_choice", "guided_grammar", "guided_whitespace_pattern", "structured_outputs", "n", "best_of",
 })
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "best_of": (None, 1),
     "prompt_logprobs": (None,), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
     "parallel_tool_calls": (None,), "functions": (None, []), "function_call": (None, "none"),
     "modalities": (None, ["text"]), "audio": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
@@ -313,6 +313,19 @@ def _structured_output(body: _Sampling) -> dict[str, Any] | None:
             raise BadRequest("guided_whitespace_pattern applies to a JSON format only", "guided_whitespace_pattern")
         asked[0][1]["whitespace_pattern"] = body.guided_whitespace_pattern
     return asked[0][1] if asked else None
+
+
+def choices_asked(body: _Sampling) -> tuple[int, int]:
+    """``(n, best_of)``: the choices the client sees, and how many are generated to pick them from."""
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_CHOICES:
+        raise BadRequest(f"n must be between 1 and {MAX_CHOICES}, got {n}", "n")
+    best_of = n if body.best_of is None else body.best_of
+    if not n <= best_of <= MAX_CHOICES:
+        raise BadRequest(f"best_of must be between n ({n}) and {MAX_CHOICES}, got {best_of}", "best_of")
+    if best_of > n and body.stream:
+        raise BadRequest("best_of > n cannot stream: the best choices are known only at the end", "best_of")
+    return n, best_of
 
 
 def format_parameter(body: _Sampling) -> str:

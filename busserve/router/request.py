@@ -29,6 +29,7 @@ class Request:
     label: str = ""  # the client's id (defaults to request_id)
     owner: str = ""  # who sent it (the identity in its subject on a secured server): only the owner cancels it
     supervisor: str = ""  # the router that owns the request until an engine starts it, and resumes it after
+    engine_hint: str = ""  # run on this engine if it is up (GenerateRequest.engine_hint), bypassing the strategy
     output_offset: int = 0  # the last output_offset tokens of prompt_token_ids were streamed already (resumed)
     base_id: str = ""  # request_id of the first attempt
     attempt: int = 0

@@ -145,6 +145,10 @@ async def test_message_fields_that_cannot_reach_the_template_are_refused(app: An
     ("/v1/completions", {**COMPLETION, "structured_outputs": {"regex": "a", "structural_tag": "{}"}},
      "structured_outputs.structural_tag"),
     ("/v1/completions", {**COMPLETION, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
+    ("/v1/completions", {**COMPLETION, "n": 0}, "n"),
+    ("/v1/chat/completions", {**CHAT, "n": 17}, "n"),
+    ("/v1/completions", {**COMPLETION, "n": 3, "best_of": 2}, "best_of"),
+    ("/v1/completions", {**COMPLETION, "n": 1, "best_of": 2, "stream": True}, "best_of"),
 ])
 async def test_bad_values_get_a_400_naming_the_field(app: Any, path: str, body: dict[str, Any], param: str) -> None:
     status, out = await _status(app, path, body)

@@ -22,6 +22,7 @@ from busserve.bus.embedded import free_port
 from busserve.engine.model_loader import LoadedModel
 from busserve.messages import (
     Cancel,
+    EngineStatus,
     Error,
     Final,
     GenerateRequest,
@@ -382,3 +383,67 @@ def test_busserve_bench_against_the_cluster(cluster: tuple[ProcessCluster, int],
                            "--output-len", "fixed:8", "--no-progress"], capture_output=True, text=True,
                           timeout=300, cwd=REPO)
     assert http.returncode == 0, http.stdout + http.stderr
+
+
+async def _prompt_tokens_computed(bus: Bus, ids: set[str]) -> int:
+    """The engines' prompt tokens computed so far, from a heartbeat of each sent after this call."""
+    sub = await bus.nc.subscribe(bus.subjects.engines_status())
+    seen: dict[str, int] = {}
+    try:
+        while set(seen) != ids:
+            st = codec.decode((await sub.next_msg(timeout=10)).data, EngineStatus)
+            if st.engine_id in ids:
+                seen[st.engine_id] = st.prompt_tokens_computed
+    finally:
+        await sub.unsubscribe()
+    return sum(seen.values())
+
+
+@pytest.mark.asyncio
+async def test_n_choices_share_one_prefill(cluster: tuple[ProcessCluster, int], tiny: LoadedModel) -> None:
+    """n=4 through the HTTP front: four different choices (seeds seed..seed+3), usage counting the prompt once,
+    and the engines computing the prompt once — the other choices find it in the prefix cache (at most its last,
+    partial page and one token each). Streamed: every choice's chunks under its index, each finished. best_of
+    picks from more choices than it returns."""
+    import openai
+
+    c, port = cluster
+    bus = await _connect(c)
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    try:
+        await _set(bus, "least_loaded")
+        prompt = _prompt(tiny, 200, seed=41)
+        before = await _prompt_tokens_computed(bus, {"A", "B"})
+        out = await client.completions.create(model="", prompt=prompt, max_tokens=12, temperature=1.0, seed=3, n=4,
+                                              extra_body={"ignore_eos": True})
+        after = await _prompt_tokens_computed(bus, {"A", "B"})
+        assert [ch.index for ch in out.choices] == [0, 1, 2, 3]
+        assert len({ch.text for ch in out.choices}) > 1, out.choices  # their own seeds: not four copies
+        assert out.usage is not None and out.usage.prompt_tokens == 200 and out.usage.completion_tokens == 48
+        assert 200 <= after - before <= 200 + 3 * 16, after - before  # one prefill, not four
+        # The same seed gives the same four choices again.
+        again = await client.completions.create(model="", prompt=prompt, max_tokens=12, temperature=1.0, seed=3,
+                                                n=4, extra_body={"ignore_eos": True})
+        assert [ch.text for ch in again.choices] == [ch.text for ch in out.choices]
+        streamed = await client.chat.completions.create(model="", messages=[{"role": "user", "content": "hi"}],
+                                                        max_tokens=6, temperature=1.0, n=3, stream=True,
+                                                        stream_options={"include_usage": True})
+        finished: dict[int, str] = {}
+        usage = None
+        async for chunk in streamed:
+            for ch in chunk.choices:
+                assert ch.index not in finished, "a chunk after its choice finished"
+                if ch.finish_reason:
+                    finished[ch.index] = ch.finish_reason
+            usage = chunk.usage or usage
+        assert set(finished) == {0, 1, 2}
+        assert usage is not None and usage.completion_tokens <= 18
+        best = await client.completions.create(model="", prompt=prompt, max_tokens=6, temperature=1.0, n=1,
+                                               extra_body={"best_of": 3, "ignore_eos": True})
+        assert len(best.choices) == 1 and best.choices[0].logprobs is None  # ranked by them, not shown
+        with pytest.raises(openai.BadRequestError):
+            await client.completions.create(model="", prompt=prompt, max_tokens=6, n=2, stream=True,
+                                            extra_body={"best_of": 3})
+    finally:
+        await client.close()
+        await bus.close()
