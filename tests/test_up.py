@@ -158,8 +158,8 @@ def test_sampling_parameters_and_tokenizer_endpoints(up: Up, client: openai.Open
         stream=True) if c.choices)
     assert streamed == echoed.choices[0].text
     with pytest.raises(openai.BadRequestError) as refused:
-        client.completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=2, n=2)
-    assert "n=2" in str(refused.value)
+        client.completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=2, suffix="end")
+    assert "suffix" in str(refused.value)
     assert client.models.retrieve("SmolLM2-135M-Instruct").id == "SmolLM2-135M-Instruct"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
@@ -234,6 +234,22 @@ def test_structured_outputs_on_the_real_model(up: Up, client: openai.OpenAI) -> 
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}, **ask)
     assert bad.value.body["param"] == "response_format"  # type: ignore[index]
     assert client.chat.completions.create(messages=question, **ask).choices[0].message.content  # still serving
+
+
+def test_chat_echo_repeats_the_last_assistant_message(up: Up, client: openai.OpenAI) -> None:
+    """vLLM's chat echo: a last assistant message comes back before what follows it, streamed and not; with a
+    user message last there is nothing to repeat."""
+    turns: Any = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    ask: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "max_tokens": 5, "temperature": 0,
+                           "extra_body": {"echo": True}}
+    whole = client.chat.completions.create(messages=turns, **ask)
+    assert (whole.choices[0].message.content or "").startswith("Blue.")
+    streamed = client.chat.completions.create(messages=turns, stream=True, **ask)
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == whole.choices[0].message.content
+    plain = client.chat.completions.create(messages=turns[:1], **ask)
+    assert plain.choices[0].message.content == client.chat.completions.create(
+        messages=turns[:1], model=ask["model"], max_tokens=5, temperature=0).choices[0].message.content
 
 
 def test_the_default_stack_is_secured(up: Up) -> None:

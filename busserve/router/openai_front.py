@@ -40,6 +40,7 @@ from busserve.messages import (
     TokenChunk,
     TokenLogprob,
 )
+from busserve.router import openai_tools
 from busserve.router.openai_choices import best, choice_requests, merged
 from busserve.router.openai_logprobs import CompletionLogprobs, TokenTexts, chat_content
 from busserve.router.openai_requests import (
@@ -184,6 +185,21 @@ class Front:
             n, best_of = choices_asked(body)
         except BadRequest as exc:
             return error_response("invalid_request", str(exc), exc.param)
+        tools = None
+        if chat:
+            try:
+                tools = openai_tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls,
+                                          getattr(self.tokenizer, "chat_template", None))
+            except openai_tools.ToolsRefused as exc:
+                return error_response("invalid_request", str(exc), exc.param)
+        if tools is not None:
+            gen.tools = tools.tools
+            forced = tools.structured_output()
+            if forced is not None:
+                if gen.sampling.structured_output is not None:
+                    return error_response("invalid_request", f"tool_choice={tools.choice!r} decides the output's "
+                                          f"format; drop {format_parameter(body)}", format_parameter(body))
+                gen.sampling = msgspec.structs.replace(gen.sampling, structured_output=forced)
         if gen.sampling.structured_output is not None:  # compiled here too, so that the 400 names the parameter
             try:
                 await asyncio.get_running_loop().run_in_executor(None, structured_output.check,
@@ -198,7 +214,10 @@ class Front:
                                   "logprobs")
         texts = self.texts.for_request(gen.sampling.skip_special_tokens) if want_lp and self.texts else None
         echo = ""
-        if getattr(body, "echo", False):  # completions: the prompt's text comes first
+        if chat and body.echo:  # vLLM's: a last assistant message is repeated before what continues it
+            last = gen.messages[-1] if gen.messages else None
+            echo = last.content if last is not None and last.role == "assistant" else ""
+        elif getattr(body, "echo", False):  # completions: the prompt's text comes first
             if gen.prompt is None and self.tokenizer is None:
                 return error_response("invalid_request", "this front has no tokenizer to echo token ids with", "echo")
             echo = gen.prompt if gen.prompt is not None else self.tokenizer.decode(gen.prompt_token_ids)
@@ -208,7 +227,7 @@ class Front:
         model = body.model or next((st.model for st in self.live_engines()), "")
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + (gen.request_id or ""), "created": int(time.time()),
                 "model": model}
-        view = _View(chat, texts, echo, n)
+        view = _View(chat, texts, echo, n, tools if tools is not None and tools.parses else None)
         first_task = asyncio.ensure_future(anext(stream))
         if body.stream:
             # A refusal that comes at once (overloaded, unknown model) keeps its HTTP status; a request that waits
@@ -286,9 +305,15 @@ class Front:
             if view.texts is not None:
                 choice["logprobs"] = ({"content": chat_content(token_lps, view.texts)} if view.chat
                                       else CompletionLogprobs(view.texts).part(token_lps))
-            content = view.echo + "".join(parts)
+            content: str | None = view.echo + "".join(parts)
             if view.chat:
                 choice["message"] = {"role": "assistant", "content": content}
+                if view.tools is not None:
+                    content, calls = openai_tools.parse(content or "")
+                    choice["message"] = {"role": "assistant", "content": content}
+                    if calls:
+                        choice["message"]["tool_calls"] = openai_tools.openai_calls(calls)
+                        choice["finish_reason"] = "tool_calls"
             else:
                 choice["text"] = content
             choices.append(choice)
@@ -319,6 +344,7 @@ class Front:
 
         finals: list[Final] = []
         started: set[int] = set()
+        held: dict[int, list[str]] = {}  # with tools: each choice's text, parsed for calls when it ends
         try:
             item: Tagged | None = first
             while item is not None:
@@ -326,12 +352,25 @@ class Front:
                 if i not in started:
                     started.add(i)
                     if view.chat:
-                        yield chunk(i, "", None, role=True)
+                        yield chunk(i, view.echo, None, role=True)
                     elif view.echo:
                         yield chunk(i, view.echo, None)
-                if isinstance(event, TokenChunk):
+                if isinstance(event, TokenChunk) and view.tools is not None:
+                    held.setdefault(i, []).append(event.text)
+                elif isinstance(event, TokenChunk):
                     if event.text or (view.texts is not None and view.texts.shown(event.logprobs or [])):
                         yield chunk(i, event.text, None, lps=event.logprobs)
+                elif isinstance(event, Final) and view.tools is not None:
+                    content, calls = openai_tools.parse("".join(held.pop(i, [])))
+                    delta: dict[str, Any] = {"content": content} if content else {}
+                    if calls:
+                        delta["tool_calls"] = openai_tools.openai_calls(calls, streamed=True)
+                    yield _event({**meta, "object": kind, "choices": [
+                        {"index": i, "delta": delta, "finish_reason": "tool_calls" if calls else _finish(event),
+                         "logprobs": None}]})
+                    finals.append(event)
+                    if include_usage and len(finals) == view.n:
+                        yield _event({**meta, "object": kind, "choices": [], "usage": _usage(finals)})
                 elif isinstance(event, Final):
                     yield chunk(i, None if view.chat else "", _finish(event))
                     finals.append(event)
@@ -361,6 +400,7 @@ class _View:
     texts: TokenTexts | None
     echo: str
     n: int
+    tools: openai_tools.ToolPlan | None = None  # calls are parsed out of the text (tool_choice other than none)
 
 
 def _event(obj: dict[str, Any]) -> bytes:

@@ -16,7 +16,15 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from busserve.messages import MAX_LOGPROBS, ChatMessage, GenerateRequest, InvalidField, SamplingParams, StreamOptions
+from busserve.messages import (
+    MAX_LOGPROBS,
+    ChatMessage,
+    GenerateRequest,
+    InvalidField,
+    SamplingParams,
+    StreamOptions,
+    ToolCall,
+)
 from busserve.router.openai_choices import MAX_CHOICES
 
 
@@ -46,9 +54,9 @@ class TextPart(_Strict, kw_only=True):
 class MessageBody(_Strict, kw_only=True):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart] | None = None
-    name: str | None = None  # refused: the chat template would never see it
-    tool_call_id: str | None = None  # refused (no tool calling yet)
-    tool_calls: list[Any] | None = None  # refused
+    name: str | None = None  # a tool message: its function's name
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    tool_calls: list[Any] | None = None  # an assistant message: its calls
     refusal: str | None = None  # refused when set
     reasoning_content: str | None = None  # refused when set
 
@@ -188,11 +196,12 @@ IMPLEMENTED = frozenset({
     "stream_options", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "seed", "user", "top_k", "min_p",
     "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "request_id", "logprobs", "top_logprobs",
     "include_stop_str_in_output", "skip_special_tokens", "response_format", "guided_json", "guided_regex",
-    "guided_choice", "guided_grammar", "guided_whitespace_pattern", "structured_outputs", "n", "best_of",
+    "guided_choice", "guided_grammar", "guided_whitespace_pattern", "structured_outputs", "n", "best_of", "echo",
+    "tools", "tool_choice", "parallel_tool_calls",  # checked against the model's template by the front
 })
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "prompt_logprobs": (None,), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None,), "functions": (None, []), "function_call": (None, "none"),
+    "prompt_logprobs": (None,), "suffix": (None, ""),
+    "functions": (None, []), "function_call": (None, "none"),
     "modalities": (None, ["text"]), "audio": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
     # Structured outputs are llguidance's: a client that names that backend (or lets the server pick) is served.
     "guided_decoding_backend": (None, "auto", "guidance", "llguidance"), "logits_processors": (None,),
@@ -205,9 +214,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "add_special_tokens": (False, True), "documents": (None,), "chat_template": (None,),
     "chat_template_kwargs": (None, {}), "mm_processor_kwargs": (None,),
 }
-# Implemented on one endpoint only: completions' echo (the prompt's text before the output). Chat's echo (vLLM's:
-# repeat the last message) is refused.
-COMPLETIONS_ONLY = frozenset({"echo"})
 REFUSED = frozenset(_NEUTRAL)
 # add_special_tokens: neutral is the endpoint's own default (False for chat, True for completions).
 _DEFAULT_SPECIAL = {"chat": False, "completion": True}
@@ -389,7 +395,7 @@ def _sampling(body: _Sampling, max_tokens: int | None) -> SamplingParams:
 
 def message_text(m: MessageBody, i: int) -> str:
     """A message's text; a 400 naming what busserve cannot pass on (names, tool calls, non-text parts)."""
-    for name in ("name", "tool_call_id", "tool_calls", "refusal", "reasoning_content"):
+    for name in ("refusal", "reasoning_content"):
         if getattr(m, name) is not None:
             raise BadRequest(f"messages[{i}].{name} is not supported by busserve", f"messages[{i}].{name}")
     if m.content is None:
@@ -405,14 +411,31 @@ def message_text(m: MessageBody, i: int) -> str:
     return "".join(parts)
 
 
+def _tool_calls(m: MessageBody, i: int) -> list[ToolCall] | None:
+    """An assistant message's earlier calls (OpenAI's shape) as the bus carries them."""
+    if m.tool_calls is None:
+        return None
+    out = []
+    for j, c in enumerate(m.tool_calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(c.get("id"), str):
+            raise BadRequest(f"messages[{i}].tool_calls[{j}] must be {{id, type: function, function: {{name, "
+                             "arguments}}}", f"messages[{i}].tool_calls[{j}]")
+        try:
+            out.append(msgspec.convert({"id": c["id"], "name": fn["name"], "arguments": fn.get("arguments", "{}")},
+                                       ToolCall))
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"messages[{i}].tool_calls[{j}]: {exc}", f"messages[{i}].tool_calls[{j}]") from None
+    return out
+
+
 def chat_request(raw: bytes) -> tuple[GenerateRequest, ChatCompletionBody]:
     body = decode(raw, ChatCompletionBody)
     _refuse_unsupported(body, "chat")
-    if body.echo:
-        raise BadRequest("echo=True is not supported by busserve for chat (it is for completions)", "echo")
     if not body.messages:
         raise BadRequest("messages must be a non-empty list", "messages")
-    turns = [ChatMessage(role=m.role, content=message_text(m, i)) for i, m in enumerate(body.messages)]
+    turns = [ChatMessage(role=m.role, content=message_text(m, i), tool_calls=_tool_calls(m, i),
+                         tool_call_id=m.tool_call_id, name=m.name) for i, m in enumerate(body.messages)]
     return _generate(body, body.max_completion_tokens or body.max_tokens, messages=turns), body
 
 

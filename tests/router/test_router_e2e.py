@@ -8,6 +8,7 @@ run time; a request with no engine gets a prompt error; a cancel frees pages on 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import subprocess
 import sys
@@ -337,25 +338,57 @@ async def test_no_engine_means_a_prompt_error(tiny_dir: Path) -> None:
             await bus.close()
 
 
-@pytest.mark.asyncio
-async def test_node_client_speaks_json_over_nats(cluster: tuple[ProcessCluster, int]) -> None:
-    """'Any service, in any language': a Node.js client with the nats npm package and no busserve code."""
-    import json
+def _example_command(lang: str, tmp: Path) -> list[str]:
+    """How to run examples/<lang>'s client, built into ``tmp``; skips with the reason where its toolchain or
+    packages are missing."""
     import shutil
+    import subprocess
 
-    js = REPO / "tests" / "js"
-    if shutil.which("node") is None or not (js / "node_modules" / "nats").exists():
-        pytest.skip("node or the nats npm package is missing (scripts/setup.sh installs it)")
+    root = REPO / "examples" / lang
+    if lang == "typescript":
+        tsc = root / "node_modules" / ".bin" / "tsc"
+        if shutil.which("node") is None or not tsc.exists():
+            pytest.skip("node or the example's npm packages are missing (scripts/setup.sh runs npm ci there)")
+        # Built beside its node_modules (dist/, ignored by git): node resolves "nats" from there.
+        built = subprocess.run([str(tsc), "-p", str(root)], capture_output=True, text=True, timeout=120)
+        assert built.returncode == 0, built.stdout + built.stderr
+        return ["node", str(root / "dist" / "client.js")]
+    if shutil.which("go") is None:
+        pytest.skip("no Go toolchain on this machine (the Go example needs go 1.21 or newer)")
+    env = {**os.environ, "GOFLAGS": "-mod=mod"}
+    got = subprocess.run(["go", "build", "-o", str(tmp / "client"), "."], cwd=root, capture_output=True, text=True,
+                         timeout=300, env=env)
+    if got.returncode != 0 and ("proxy.golang.org" in got.stderr or "dial tcp" in got.stderr):
+        pytest.skip(f"the nats.go module cannot be fetched here: {got.stderr.strip()[:200]}")
+    assert got.returncode == 0, got.stderr
+    return [str(tmp / "client")]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("lang", ["typescript", "go"])
+async def test_examples_in_other_languages(cluster: tuple[ProcessCluster, int], lang: str, tmp_path: Path) -> None:
+    """'Any service, in any language': examples/typescript and examples/go, no busserve code — publish a request,
+    read its stream to the terminal event checking every index, and cancel one mid-stream."""
+    import json
+
+    command = _example_command(lang, tmp_path)
     c, _ = cluster
     bus = await _connect(c)
     try:
         await _set(bus, "pd")
-        out = await asyncio.create_subprocess_exec("node", str(js / "client.mjs"), c.url, "Say hello", "12",
-                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        stdout, stderr = await asyncio.wait_for(out.communicate(), timeout=120)
-        assert out.returncode == 0, stderr.decode()
-        result = json.loads(stdout)
-        assert result["terminal"]["type"] == "final" and result["terminal"]["usage"]["completion_tokens"] >= 1
+        for extra, want in (([], "final"), (["400", "3"], "cancelled")):
+            out = await asyncio.create_subprocess_exec(*command, c.url, "Say hello", *(extra or ["12"]),
+                                                       stdout=asyncio.subprocess.PIPE,
+                                                       stderr=asyncio.subprocess.PIPE)
+            stdout, stderr = await asyncio.wait_for(out.communicate(), timeout=120)
+            assert out.returncode == 0, stderr.decode()
+            result = json.loads(stdout)
+            terminal = result["terminal"]
+            assert terminal["type"] == "final", result
+            if want == "cancelled":  # the client's own cancel: ended early, and said so
+                assert terminal["finish_reason"] == "cancelled" and 3 <= result["tokens"] < 400, result
+            else:
+                assert terminal["usage"]["completion_tokens"] >= 1 and result["tokens"] >= 1
     finally:
         await bus.close()
 
