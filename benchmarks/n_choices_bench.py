@@ -26,26 +26,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from busserve.bus import codec
 from busserve.bus.client import Bus
 from busserve.bus.embedded import free_port
-from busserve.messages import EngineStatus
-from busserve.testing import ProcessCluster
+from busserve.testing import ProcessCluster, prompt_tokens_computed
 
 ENGINES = {"e0", "e1"}
 
 
 async def computed(bus: Bus) -> int:
-    sub = await bus.nc.subscribe(bus.subjects.engines_status())
-    seen: dict[str, int] = {}
-    try:
-        while set(seen) != ENGINES:
-            st = codec.decode((await sub.next_msg(timeout=10)).data, EngineStatus)
-            if st.engine_id in ENGINES:
-                seen[st.engine_id] = st.prompt_tokens_computed
-    finally:
-        await sub.unsubscribe()
-    return sum(seen.values())
+    return await prompt_tokens_computed(bus, ENGINES)
 
 
 async def one(client: Any, bus: Bus, prompt: str, tokens: int, seed: int, mode: str) -> dict[str, float]:
@@ -95,8 +84,7 @@ def main() -> None:
     from busserve.launch.readiness import wait_for_engines
 
     rng = random.Random(5)
-    words = ("river stone lamp harbour winter market violin orchard signal ledger copper meadow lantern "
-             "engine window garden silver thunder").split()
+    words = ["river", "stone", "lamp", "harbour", "winter", "market", "violin", "orchard", "signal", "ledger", "copper", "meadow", "lantern", "engine", "window", "garden", "silver", "thunder"]
     # About 1.3 tokens per word for SmolLM2's tokenizer on this vocabulary.
     prompts = [" ".join(rng.choice(words) for _ in range(int(args.prompt_tokens / 1.3))) + "\nSummary:"
                for _ in range(args.prompts)]

@@ -21,12 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from busserve.bench.metrics import percentile
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
 from busserve.bus.embedded import EmbeddedNats
 from busserve.bus.subjects import Subjects
-from busserve.messages import Final
 from busserve.security.dev_tls import write_dev_tls
 from busserve.security.server_config import Credentials, authorization_config
 from busserve.testing import ProcessCluster, Wire
@@ -54,26 +52,7 @@ async def drive(cfg: BusConfig, prompts: list[list[int]], tokens: int, concurren
                 await wire.send(f"w{i}", prompts[i % len(prompts)], 16)
             await wire.all_ended(300, linger_s=0.2)
             wire.streams.clear()
-            t0 = time.monotonic()
-            sent = 0
-
-            def running() -> int:
-                return sum(s.terminal is None for s in wire.streams.values())
-
-            while sent < len(prompts):
-                if running() < concurrency:
-                    await wire.send(f"m{sent}", prompts[sent], tokens)
-                    sent += 1
-                else:
-                    await wire.wait(lambda: running() < concurrency, 600, "a free slot")
-            await wire.all_ended(600, linger_s=0.0)
-            wall = time.monotonic() - t0
-            wire.check_all()
-            failed = [s.terminal for s in wire.streams.values() if not isinstance(s.terminal, Final)]
-            assert not failed, failed[:3]
-            out = sum(len(s.tokens) for s in wire.streams.values())
-            ttft = [s.token_times()[0] - s.sent_at for s in wire.streams.values() if s.token_times()]
-            return {"tok_s": out / wall, "wall_s": wall, "tokens": out, "ttft_p50_s": percentile(ttft, 50)}
+            return await wire.closed_loop(prompts, tokens, concurrency)
     finally:
         await bus.close()
 

@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from busserve.bench.metrics import percentile
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
-from busserve.messages import Final, StructuredOutput
+from busserve.messages import StructuredOutput
 from busserve.testing import ProcessCluster, Wire
 
 SCHEMA: dict[str, Any] = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 60},
@@ -40,26 +39,7 @@ async def drive(cfg: BusConfig, prompts: list[list[int]], tokens: int, mode: str
     bus = await Bus.connect(cfg, name="structured-bench")
     try:
         async with Wire(bus) as wire:
-            t0 = time.monotonic()
-            sent = 0
-
-            def running() -> int:
-                return sum(s.terminal is None for s in wire.streams.values())
-
-            while sent < len(prompts):
-                if running() < concurrency:
-                    await wire.send(f"{tag}-{sent}", prompts[sent], tokens, **extra)
-                    sent += 1
-                else:
-                    await wire.wait(lambda: running() < concurrency, 600, "a free slot")
-            await wire.all_ended(600, linger_s=0.0)
-            wall = time.monotonic() - t0
-            wire.check_all()
-            failed = [s.terminal for s in wire.streams.values() if not isinstance(s.terminal, Final)]
-            assert not failed, failed[:3]
-            out = sum(len(s.tokens) for s in wire.streams.values())
-            ttft = [s.token_times()[0] - s.sent_at for s in wire.streams.values() if s.token_times()]
-            return {"tok_s": out / wall, "wall_s": wall, "tokens": out, "ttft_p50_s": percentile(ttft, 50)}
+            return await wire.closed_loop(prompts, tokens, concurrency, f"{tag}-", **extra)
     finally:
         await bus.close()
 

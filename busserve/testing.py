@@ -235,3 +235,44 @@ class Wire:
     def check_all(self) -> None:
         for s in self.streams.values():
             s.check()
+
+    async def closed_loop(self, prompts: list[list[int]], tokens: int, concurrency: int = 16, label: str = "m",
+                          **sampling: Any) -> dict[str, float]:
+        """Every prompt as a greedy request of ``tokens`` output tokens, ``concurrency`` in flight at any time,
+        each stream checked and required to end in a Final: output tok/s, wall time, tokens, TTFT p50."""
+        from busserve.bench.metrics import percentile
+
+        t0 = time.monotonic()
+        sent = 0
+
+        def running() -> int:
+            return sum(s.terminal is None for s in self.streams.values())
+
+        while sent < len(prompts):
+            if running() < concurrency:
+                await self.send(f"{label}{sent}", prompts[sent], tokens, **sampling)
+                sent += 1
+            else:
+                await self.wait(lambda: running() < concurrency, 600, "a free slot")
+        await self.all_ended(600, linger_s=0.0)
+        wall = time.monotonic() - t0
+        self.check_all()
+        failed = [s.terminal for s in self.streams.values() if not isinstance(s.terminal, Final)]
+        assert not failed, failed[:3]
+        out = sum(len(s.tokens) for s in self.streams.values())
+        ttft = [s.token_times()[0] - s.sent_at for s in self.streams.values() if s.token_times()]
+        return {"tok_s": out / wall, "wall_s": wall, "tokens": out, "ttft_p50_s": percentile(ttft, 50)}
+
+
+async def prompt_tokens_computed(bus: Bus, ids: set[str], timeout_s: float = 10.0) -> int:
+    """The prompt tokens the engines ``ids`` have computed so far, from a heartbeat of each sent after this call."""
+    sub = await bus.nc.subscribe(bus.subjects.engines_status())
+    seen: dict[str, int] = {}
+    try:
+        while set(seen) != ids:
+            st = codec.decode((await sub.next_msg(timeout=timeout_s)).data, EngineStatus)
+            if st.engine_id in ids:
+                seen[st.engine_id] = st.prompt_tokens_computed
+    finally:
+        await sub.unsubscribe()
+    return sum(seen.values())

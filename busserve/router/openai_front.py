@@ -307,13 +307,13 @@ class Front:
                                       else CompletionLogprobs(view.texts).part(token_lps))
             content: str | None = view.echo + "".join(parts)
             if view.chat:
-                choice["message"] = {"role": "assistant", "content": content}
+                calls = []
                 if view.tools is not None:
                     content, calls = openai_tools.parse(content or "")
-                    choice["message"] = {"role": "assistant", "content": content}
-                    if calls:
-                        choice["message"]["tool_calls"] = openai_tools.openai_calls(calls)
-                        choice["finish_reason"] = "tool_calls"
+                choice["message"] = {"role": "assistant", "content": content}
+                if calls:
+                    choice["message"]["tool_calls"] = openai_tools.openai_calls(calls)
+                    choice["finish_reason"] = "tool_calls"
             else:
                 choice["text"] = content
             choices.append(choice)
@@ -360,19 +360,17 @@ class Front:
                 elif isinstance(event, TokenChunk):
                     if event.text or (view.texts is not None and view.texts.shown(event.logprobs or [])):
                         yield chunk(i, event.text, None, lps=event.logprobs)
-                elif isinstance(event, Final) and view.tools is not None:
-                    content, calls = openai_tools.parse("".join(held.pop(i, [])))
-                    delta: dict[str, Any] = {"content": content} if content else {}
-                    if calls:
-                        delta["tool_calls"] = openai_tools.openai_calls(calls, streamed=True)
-                    yield _event({**meta, "object": kind, "choices": [
-                        {"index": i, "delta": delta, "finish_reason": "tool_calls" if calls else _finish(event),
-                         "logprobs": None}]})
-                    finals.append(event)
-                    if include_usage and len(finals) == view.n:
-                        yield _event({**meta, "object": kind, "choices": [], "usage": _usage(finals)})
                 elif isinstance(event, Final):
-                    yield chunk(i, None if view.chat else "", _finish(event))
+                    if view.tools is not None:
+                        content, calls = openai_tools.parse("".join(held.pop(i, [])))
+                        delta: dict[str, Any] = {"content": content} if content else {}
+                        if calls:
+                            delta["tool_calls"] = openai_tools.openai_calls(calls, streamed=True)
+                        yield _event({**meta, "object": kind, "choices": [
+                            {"index": i, "delta": delta, "finish_reason": "tool_calls" if calls else _finish(event),
+                             "logprobs": None}]})
+                    else:
+                        yield chunk(i, None if view.chat else "", _finish(event))
                     finals.append(event)
                     if include_usage and len(finals) == view.n:
                         yield _event({**meta, "object": kind, "choices": [], "usage": _usage(finals)})

@@ -23,7 +23,6 @@ from busserve.bus.embedded import free_port
 from busserve.engine.model_loader import LoadedModel
 from busserve.messages import (
     Cancel,
-    EngineStatus,
     Error,
     Final,
     GenerateRequest,
@@ -33,7 +32,7 @@ from busserve.messages import (
     StrategyState,
     TokenChunk,
 )
-from busserve.testing import ProcessCluster
+from busserve.testing import ProcessCluster, prompt_tokens_computed
 from busserve.tokenization import vocab_size
 from tests.helpers import assert_greedy_equal, live_view, wait_idle_no_leaks
 
@@ -418,20 +417,6 @@ def test_busserve_bench_against_the_cluster(cluster: tuple[ProcessCluster, int],
     assert http.returncode == 0, http.stdout + http.stderr
 
 
-async def _prompt_tokens_computed(bus: Bus, ids: set[str]) -> int:
-    """The engines' prompt tokens computed so far, from a heartbeat of each sent after this call."""
-    sub = await bus.nc.subscribe(bus.subjects.engines_status())
-    seen: dict[str, int] = {}
-    try:
-        while set(seen) != ids:
-            st = codec.decode((await sub.next_msg(timeout=10)).data, EngineStatus)
-            if st.engine_id in ids:
-                seen[st.engine_id] = st.prompt_tokens_computed
-    finally:
-        await sub.unsubscribe()
-    return sum(seen.values())
-
-
 @pytest.mark.asyncio
 async def test_n_choices_share_one_prefill(cluster: tuple[ProcessCluster, int], tiny: LoadedModel) -> None:
     """n=4 through the HTTP front: four different choices (seeds seed..seed+3), usage counting the prompt once,
@@ -446,10 +431,10 @@ async def test_n_choices_share_one_prefill(cluster: tuple[ProcessCluster, int], 
     try:
         await _set(bus, "least_loaded")
         prompt = _prompt(tiny, 200, seed=41)
-        before = await _prompt_tokens_computed(bus, {"A", "B"})
+        before = await prompt_tokens_computed(bus, {"A", "B"})
         out = await client.completions.create(model="", prompt=prompt, max_tokens=12, temperature=1.0, seed=3, n=4,
                                               extra_body={"ignore_eos": True})
-        after = await _prompt_tokens_computed(bus, {"A", "B"})
+        after = await prompt_tokens_computed(bus, {"A", "B"})
         assert [ch.index for ch in out.choices] == [0, 1, 2, 3]
         assert len({ch.text for ch in out.choices}) > 1, out.choices  # their own seeds: not four copies
         assert out.usage is not None and out.usage.prompt_tokens == 200 and out.usage.completion_tokens == 48
