@@ -1,5 +1,6 @@
 """What isolation costs: output throughput at 16 concurrent streams on an open bus, with per-role identities and
-grants, and with those plus TLS — same engines, prompts and cores, runs interleaved.
+grants, with those plus TLS, and as a tenant's client in operator mode (JWT identities, the client in an account of
+its own so every token crosses a service import, TLS) — same engines, prompts and cores, runs interleaved.
 
     .venv/bin/python benchmarks/security_overhead_bench.py [--reps 2] [--requests 32] [--tokens 128]
 
@@ -7,7 +8,8 @@ Each run starts a fresh stack as separate processes (``busserve.testing.ProcessC
 SmolLM2-135M engines (one core each, the default dtype), one router (least_loaded). Warm-up: 8 requests. Then
 ``--requests`` greedy requests of ``--tokens`` output tokens, 16 in flight at any time, sent and read on the
 wire by one client (``Wire``: every stream checked). Throughput = output tokens / wall time of the measured part.
-Modes run in turn (open, auth, auth+tls, open, ...) so that drift on the machine spreads over all of them.
+Modes run in turn (open, auth, auth+tls, tenant+jwt+tls, open, ...) so that drift on the machine spreads over all
+of them.
 """
 
 from __future__ import annotations
@@ -26,22 +28,28 @@ from busserve.bus.config import BusConfig
 from busserve.bus.embedded import EmbeddedNats
 from busserve.bus.subjects import Subjects
 from busserve.security.dev_tls import write_dev_tls
-from busserve.security.server_config import Credentials, authorization_config
+from busserve.security.issue import issue
+from busserve.security.server_config import Credentials, auth_config
 from busserve.testing import ProcessCluster, Wire
 
-MODES = ("open", "auth", "auth+tls")
+MODES = ("open", "auth", "auth+tls", "tenant+jwt+tls")
 
 
 def cluster_for(mode: str, tls_dir: Path) -> ProcessCluster:
     extra = ""
     creds = None
-    if mode != "open":
+    if mode == "tenant+jwt+tls":
+        out = Path(tempfile.mkdtemp(dir=tls_dir))
+        creds, extra = issue(Credentials.for_stack(["e0", "e1"], ["r0"], clients=("client@tenant",)), "jwt",
+                             Subjects(), out)
+    elif mode != "open":
         creds = Credentials.for_stack(["e0", "e1"], ["r0"])
-        extra = authorization_config(list(creds.identities.values()), Subjects())
-    if mode == "auth+tls":
+        extra = auth_config(list(creds.identities.values()), Subjects())
+    if mode.endswith("tls"):
         extra += (f'tls {{ cert_file: "{tls_dir / "server.pem"}", key_file: "{tls_dir / "server-key.pem"}", '
                   f'ca_file: "{tls_dir / "ca.pem"}" }}\n')
-    return ProcessCluster(nats=EmbeddedNats(extra_config=extra), credentials=creds)
+    # (auth: the whole server config, TLS included, instead of the one ProcessCluster would make of ``creds``)
+    return ProcessCluster(nats=EmbeddedNats(extra_config=extra), credentials=creds, auth=extra if creds else None)
 
 
 async def drive(cfg: BusConfig, prompts: list[list[int]], tokens: int, concurrency: int = 16) -> dict[str, float]:
@@ -59,12 +67,12 @@ async def drive(cfg: BusConfig, prompts: list[list[int]], tokens: int, concurren
 
 def one_run(mode: str, tls_dir: Path, prompts: list[list[int]], tokens: int) -> dict[str, float]:
     with cluster_for(mode, tls_dir) as c:
-        env = {"BUSSERVE_NATS_TLS_CA": str(tls_dir / "ca.pem")} if mode == "auth+tls" else {}
+        env = {"BUSSERVE_NATS_TLS_CA": str(tls_dir / "ca.pem")} if mode.endswith("tls") else {}
         for i, eid in enumerate(("e0", "e1")):
             c.start_engine(eid, cpus=[i], env=env)
         c.start("r0", "router", "--nats", c.url, "--id", "r0", env=env)
         cfg = c.bus_config("client")
-        if mode == "auth+tls":
+        if mode.endswith("tls"):
             cfg.tls_ca = str(tls_dir / "ca.pem")
             cfg.servers = [c.url.replace("nats://", "tls://")]
         wait_cfg = c.bus_config()

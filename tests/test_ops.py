@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -185,3 +186,35 @@ async def test_security_init_cluster_carries_requests_across_tls_routes(tmp_path
         for p in procs:
             p.terminate()
             p.wait(timeout=10)
+
+
+@pytest.mark.parametrize("method", ["password", "nkey", "jwt",
+                                    pytest.param("mtls", marks=pytest.mark.skipif(shutil.which("openssl") is None,
+                                                                                  reason="needs openssl"))])
+def test_security_init_writes_every_auth_method_with_tenants(tmp_path: Path, method: str) -> None:
+    """`busserve security init --auth METHOD` with two tenants: a config nats-server accepts, every identity with
+    the key files of its method (secrets 0600), and no secret of a key-based identity in the server's config."""
+    out = subprocess.run([sys.executable, "-m", "busserve.cli", "security", "init", str(tmp_path), "--auth", method,
+                          "--client", "alice@acme", "--client", "bob@globex"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert _check_file(tmp_path / "nats-server.conf").returncode == 0
+    config = (tmp_path / "nats-server.conf").read_text()
+    creds = Credentials.load(tmp_path / "credentials.json")
+    assert {i.tenant for i in creds.identities.values() if i.role == "client"} == {"acme", "globex"}
+    for ident in creds.identities.values():
+        assert ident.method == method, ident
+        secret = {"nkey": ident.seed_file, "jwt": ident.creds_file, "mtls": ident.key_file}.get(method)
+        if secret is not None:
+            assert Path(secret).stat().st_mode & 0o077 == 0, secret
+            lines = Path(secret).read_text().splitlines()
+            if method == "mtls":
+                # A PEM body is base64: any of its lines may start with "SU", so look for the key itself instead.
+                assert lines[0].startswith("-----BEGIN") and not any(line in config for line in lines[1:-1])
+            else:
+                seeds = [line for line in lines if re.fullmatch(r"SU[A-Z2-7]{56}", line)]
+                assert len(seeds) == 1 and seeds[0] not in config
+    if method == "jwt":
+        assert "resolver_preload" in config and "users" not in config
+    else:
+        assert '"acme" {' in config and '"globex" {' in config

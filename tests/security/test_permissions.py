@@ -16,7 +16,7 @@ from busserve.bus.config import BusConfig
 from busserve.bus.embedded import EmbeddedNats
 from busserve.bus.subjects import Subjects
 from busserve.security.roles import ROLES, matrix_markdown, permissions
-from busserve.security.server_config import Credentials, Identity, authorization_config
+from busserve.security.server_config import Credentials, Identity, auth_config
 
 S = Subjects()
 ROOT = S.root
@@ -138,7 +138,7 @@ class Probe:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def probes() -> AsyncIterator[dict[str, Probe]]:
     creds = Credentials.for_stack(["e0", "e1"], ["router-0"], clients=("alice", "bob"))
-    server = EmbeddedNats(extra_config=authorization_config(list(creds.identities.values()), S)).start()
+    server = EmbeddedNats(extra_config=auth_config(list(creds.identities.values()), S)).start()
     out: dict[str, Probe] = {}
     try:
         for ident in creds.identities.values():
@@ -172,7 +172,7 @@ async def test_needed_is_allowed(probes: dict[str, Probe], who: str, op: str, su
 @pytest.mark.asyncio
 async def test_wrong_password_and_unknown_user_are_refused() -> None:
     ident = Identity.new("alice", "client")
-    server = EmbeddedNats(extra_config=authorization_config([ident], S)).start()
+    server = EmbeddedNats(extra_config=auth_config([ident], S)).start()
     try:
         for user, password in (("alice", "not-it"), ("mallory", ident.password), (None, None)):
             cfg = BusConfig(servers=[server.url], user=user, password=password, connect_attempts=1,
@@ -193,8 +193,18 @@ def test_every_role_has_grants_and_names_are_checked() -> None:
     with pytest.raises(ValueError, match="role"):
         permissions("admin", "x", S)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unique"):
-        authorization_config([Identity.new("a", "client"), Identity.new("a", "engine")], S)
+        auth_config([Identity.new("a", "client"), Identity.new("a", "engine")], S)
 
 
 def test_the_documented_matrix_is_the_one_in_the_code() -> None:
     assert matrix_markdown(S) in DOCS.read_text(), "docs/SECURITY.md: paste `busserve security matrix`"
+
+
+def test_tenants_are_checked() -> None:
+    with pytest.raises(ValueError, match="only clients"):
+        Identity.new("r9", "router", tenant="acme")
+    for bad in ("BUSSERVE", "$SYS", "a.b", ""):
+        with pytest.raises(ValueError, match="tenant"):
+            Identity.new("alice", "client", tenant=bad or "x y")
+    with pytest.raises(ValueError, match="no tenant"):  # once any client has a tenant, all need one
+        auth_config([Identity.new("alice", "client", "acme"), Identity.new("bob", "client")], S)

@@ -75,7 +75,7 @@ async def test_clients_see_only_their_own_requests(tiny_dir: Path, tiny: LoadedM
             await spy.unsubscribe()
 
             # Bob cancels Alice's request by its label: it runs to its end. Alice's own cancel ends hers.
-            done = await _cancel_after_first_token(alice, _req("a-long", prompt(tiny, 12, 4), 300), bob)
+            done = await _cancel_after_first_token(alice, _req("a-long", prompt(tiny, 12, 4), 120), bob)
             assert isinstance(done[-1], Final) and done[-1].finish_reason == "length", done[-1]
             ended = await _cancel_after_first_token(alice, _req("a-mine", prompt(tiny, 12, 5), 300), alice)
             assert isinstance(ended[-1], Final) and ended[-1].finish_reason == "cancelled", ended[-1]
