@@ -40,6 +40,8 @@ class ConfigUnavailable(Exception):
 
 
 CLUSTER_JETSTREAM_WAIT_S = 30.0
+# How often a watched key is also read, in case its watch died unseen (with the NATS node that held it).
+RECONCILE_S = 2.0
 
 
 def config_replicas(bus: Bus) -> int:
@@ -117,11 +119,22 @@ class ConfigStore:
         return int(await self.kv.put(roles_key(engine_id), codec.encode(RolesState(engine_id=engine_id, roles=roles))))
 
     async def watch(self, key: str, tp: type[T], on_change: Callable[[T, int], Awaitable[None] | None]) -> None:
-        """Call ``on_change(value, revision)`` for the current value and every later one, until ``close``."""
-        watcher = await self.kv.watch(key)
-        self._watchers.append(watcher)
+        """Call ``on_change(value, revision)`` for the current value and every later one, until ``close``.
 
-        async def pump() -> None:
+        The watch is a JetStream consumer, and a consumer can die with the NATS node that held it without a word.
+        So every ``RECONCILE_S`` the key is also read: a revision newer than the watch delivered is applied at once
+        and the watch is made again — a switch reaches every watcher within seconds, whatever node went down."""
+        last = [0]
+
+        async def deliver(value: T, revision: int) -> None:
+            if revision <= last[0]:
+                return
+            last[0] = revision
+            result = on_change(value, revision)
+            if asyncio.iscoroutine(result):
+                await result
+
+        async def pump(watcher: Any) -> None:
             async for entry in watcher:
                 if entry is None or entry.value is None or entry.operation in ("DEL", "PURGE"):
                     continue
@@ -130,11 +143,36 @@ class ConfigStore:
                 except MalformedMessage as exc:
                     log.warning("ignoring unreadable %s in the config bucket: %s", key, exc)
                     continue
-                result = on_change(value, int(entry.revision or 0))
-                if asyncio.iscoroutine(result):
-                    await result
+                await deliver(value, int(entry.revision or 0))
 
-        self._tasks.append(asyncio.create_task(pump(), name=f"config-watch-{key}"))
+        async def start() -> tuple[Any, asyncio.Task[None]]:
+            watcher = await self.kv.watch(key)
+            self._watchers.append(watcher)
+            task = asyncio.create_task(pump(watcher), name=f"config-watch-{key}")
+            self._tasks.append(task)
+            return watcher, task
+
+        current = [await start()]
+
+        async def reconcile() -> None:
+            while True:
+                await asyncio.sleep(RECONCILE_S)
+                try:
+                    found = await self._get(key, tp)
+                    if found is None or found[1] <= last[0]:
+                        continue
+                    log.warning("the watch of %s missed revision %d (a NATS node lost?); applying it and watching "
+                                "again", key, found[1])
+                    await deliver(*found)
+                    watcher, task = current[0]
+                    task.cancel()
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+                    current[0] = await start()
+                except Exception as exc:  # the bucket unreachable for now: try again next time
+                    log.debug("reconciling %s: %s", key, exc)
+
+        self._tasks.append(asyncio.create_task(reconcile(), name=f"config-reconcile-{key}"))
 
     async def close(self) -> None:
         for w in self._watchers:

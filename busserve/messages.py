@@ -51,7 +51,7 @@ ErrorCode = Literal[
     "internal",
 ]
 Role = Literal["prefill", "decode"]
-Transport = Literal["shm", "bus", "nvshmem"]
+Transport = Literal["shm", "bus", "nvshmem", "mooncake"]
 
 
 class InvalidField(ValueError):
@@ -203,6 +203,24 @@ class Cancel(_Msg, tag="cancel"):
     reason: str = ""
 
 
+class Resend(_Msg, tag="resend"):
+    """A client missed part of its stream — a TokenChunk arrived past the index it expected, or its connection came
+    back from an outage — and asks for the events again from output index ``from_index`` (on ``resend.<owner>``,
+    like a cancel). ``request_id``: the client's id for the request. Events that come twice are the same events:
+    a reader skips a TokenChunk that ends at or before the index it expects."""
+
+    request_id: RequestId
+    from_index: Annotated[int, Meta(ge=0)] = 0
+
+
+class ResendStream(_Msg, tag="resend_stream"):
+    """Router → engines (``busserve.v1.resend``): publish again the events this engine sent to ``stream_subject``,
+    from output index ``from_index`` on (the engine that has them answers; the others have nothing to send)."""
+
+    stream_subject: str
+    from_index: Annotated[int, Meta(ge=0)] = 0
+
+
 # --------------------------------------------------------------------------------------------- stream events
 
 
@@ -300,6 +318,9 @@ class KVAddress(_Msg, tag="kv_addr"):
     # Unix time after which no sender may write: a receive dropped before then keeps its pages in quarantine until
     # this moment (or until the sender is known to have stopped), so a late write never lands in reused pages.
     expires_at: float = 0.0
+    # Transports the receiver also accepts for this reservation, in order: a sender that cannot use ``transport``
+    # (the receiver's shm segment is not visible from where it runs) writes over the first of these it has.
+    fallbacks: list[Transport] = []
 
 
 class PrepRecv(_Msg, tag="prep_recv"):
@@ -366,6 +387,7 @@ class RemoteSendReply(_Msg, tag="remote_send_reply"):
     duration_s: float  # from the sender receiving remote_send to the last byte landing
     compute_s: float = 0.0  # from receiving remote_send to the last layer's KV being computed
     transfer_busy_s: float = 0.0  # time spent writing; (duration_s - compute_s) of it was not hidden by compute
+    transport: Transport | None = None  # what carried the KV (a fallback of the reservation's when that failed)
 
 
 class StartGenerate(_Msg, tag="start_generate"):
@@ -535,6 +557,8 @@ class EngineStatus(_Msg, tag="engine_status"):
     transports: list[Transport]
     host: str = ""
     pid: int = 0
+    # Engines with equal non-empty shm domains see one /dev/shm (busserve.kv.locality); "" from older engines.
+    shm_domain: str = ""
     cached_pages: int = 0
     prefix_hit_rate: float = 0.0
     interval_s: float = 1.0
@@ -661,6 +685,8 @@ ALL_MESSAGES: tuple[type[Struct], ...] = (
     ChatMessage,
     GenerateRequest,
     Cancel,
+    Resend,
+    ResendStream,
     Usage,
     TokenChunk,
     Final,

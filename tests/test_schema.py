@@ -46,7 +46,7 @@ def test_asyncapi_lists_every_subject_and_message() -> None:
     addresses = {c["address"] for c in doc["channels"].values()}
     s = Subjects()
     expected = {
-        s.generate(), s.cancel(), s.stream("{requestId}"), s.strategy("{strategyName}"), s.control_strategy(),
+        s.generate(), s.cancel(), s.resend(), s.resend("{owner}"), s.stream("{requestId}"), s.strategy("{strategyName}"), s.control_strategy(),
         s.engines_status(), s.engine_kv_events("{engineId}"), s.kv_data("{engineId}"), s.routers_status(),
         *(s.engine_action("{engineId}", a) for a in ENGINE_ACTIONS),
     }

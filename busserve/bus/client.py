@@ -38,6 +38,7 @@ from busserve.messages import (
     Error,
     Final,
     GenerateRequest,
+    Resend,
     RouterStatus,
     StreamEvent,
     StreamStatus,
@@ -53,6 +54,12 @@ Handler = Callable[[Msg], Awaitable[None]]
 # Time limits for a stream: the first event may wait behind a long prefill, later ones only behind one step.
 DEFAULT_FIRST_EVENT_TIMEOUT_S = 300.0
 DEFAULT_IDLE_TIMEOUT_S = 120.0
+# After a loss on the way (a gap in TokenChunk.index), how long a reader waits for the missing events it asked for
+# again, and how often it asks; and how long a started stream may be silent before the reader asks (its tail may
+# have been lost with a server).
+RESEND_WAIT_S = 4.0
+RESEND_EVERY_S = 0.75
+RESEND_IDLE_S = 5.0
 # A process that misses this many heartbeats in a row is taken for dead (routers judge engines the same way).
 MISSED_HEARTBEATS = 3
 # Pings every PING_INTERVAL_S; this many unanswered and the connection is dropped and re-dialled.
@@ -102,7 +109,8 @@ class Bus:
             if holder:
                 holder[0].connected_since = time.monotonic()
                 holder[0].reconnects += 1
-            log.warning("nats (%s): reconnected to %s", name, getattr(nc, "connected_url", None))
+            url = getattr(nc, "connected_url", None)
+            log.warning("nats (%s): reconnected to %s", name, url.netloc if url else None)
 
         kwargs = config.connect_kwargs()
         owner = config.owner()
@@ -135,6 +143,9 @@ class Bus:
         nc.options["reconnect_time_wait"] = 1.0
         bus = cls(nc, Subjects(config.subject_prefix), owner)
         holder.append(bus)
+        # Which node of a cluster this process rides on: what an operator (or a fault test) needs to know.
+        url = nc.connected_url
+        log.info("nats (%s): connected to %s", name, url.netloc if url else None)
         return bus
 
     @property
@@ -264,7 +275,7 @@ class Bus:
             try:
                 async for event in stream.events(
                     first_event_timeout_s=first_event_timeout_s, idle_timeout_s=idle_timeout_s, target=target,
-                    statuses=statuses,
+                    statuses=statuses, label=request.request_id,
                 ):
                     if isinstance(event, (Final, Error)):
                         finished = True
@@ -296,15 +307,47 @@ class StreamReader:
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         target: str = "",
         statuses: bool = False,
+        label: str = "",
     ) -> AsyncIterator[StreamEvent]:
-        """``statuses``: yield StreamStatus events too (they are consumed here otherwise)."""
+        """``statuses``: yield StreamStatus events too (they are consumed here otherwise). ``label``: the request's
+        id (else taken from its first event), for asking the events again after a loss (``Resend``)."""
         next_index = 0
         first_wait = True
         watch = _RouterWatch(self._bus)
+        ahead: dict[int, TokenChunk] = {}  # chunks that came past a gap, by index, until the gap is filled
+        held: Final | Error | None = None  # a terminal event that came while tokens were missing
+        gap_since: float | None = None
+        asked_at = 0.0
+        idle_since = time.monotonic()
+        reconnects = self._bus.reconnects if self._bus is not None else 0
         try:
             while True:
-                budget = first_event_timeout_s if first_wait else idle_timeout_s
-                msg = await self._next(budget, watch, target)
+                now = time.monotonic()
+                if gap_since is not None:
+                    if now - gap_since > RESEND_WAIT_S:
+                        yield Error(code="stream_gap", request_id=label,
+                                    message=f"token index {min(ahead)} arrived where {next_index} was due and the "
+                                            f"missing tokens did not come again within {RESEND_WAIT_S:g}s")
+                        return
+                    if now - asked_at >= RESEND_EVERY_S:
+                        await self._ask_again(label, next_index)
+                        asked_at = now
+                    budget = RESEND_EVERY_S
+                elif first_wait:
+                    budget = first_event_timeout_s - (now - idle_since)
+                else:
+                    # Silence mid-stream (the tail may have been lost with a server): ask once per quiet spell.
+                    budget = min(RESEND_IDLE_S, idle_timeout_s - (now - idle_since))
+                try:
+                    msg = await self._next(max(budget, 0.0), watch, target)
+                except RequestTimeout:
+                    quiet = time.monotonic() - idle_since
+                    if gap_since is not None or (not first_wait and quiet < idle_timeout_s):
+                        if gap_since is None:
+                            await self._ask_again(label, next_index)
+                        continue
+                    raise
+                idle_since = time.monotonic()
                 if msg is None:  # the router holding the request stopped before an engine took it
                     yield Error(code="router_failure", request_id="",
                                 message=f"router {watch.router} stopped heartbeating before any engine took the "
@@ -312,6 +355,10 @@ class StreamReader:
                     return
                 if _is_no_responders(msg):
                     raise NoResponders(target or self.subject)
+                if self._bus is not None and self._bus.reconnects != reconnects:
+                    reconnects = self._bus.reconnects  # our server went away meanwhile: events may be lost
+                    if not first_wait:
+                        await self._ask_again(label, next_index)
                 try:
                     event: StreamEvent = codec.decode(msg.data, StreamEvent, msg.headers)
                 except MalformedMessage as exc:
@@ -323,20 +370,52 @@ class StreamReader:
                         yield event
                     continue
                 first_wait = False
+                label = label or event.request_id
                 if isinstance(event, TokenChunk):
                     watch.stop()
-                    if event.index != next_index:
-                        what = "repeated" if event.index < next_index else "missing"
+                    end = event.index + len(event.token_ids)
+                    if end <= next_index:
+                        continue  # sent again after a loss: we have it
+                    if event.index < next_index:
                         yield Error(code="stream_gap", request_id=event.request_id,
                                     message=f"token index {event.index} arrived where {next_index} was due: tokens "
-                                            f"{what} on the way")
+                                            "repeated on the way")
                         return
-                    next_index += len(event.token_ids)
-                yield event
+                    if event.index > next_index:  # something was lost: ask for it, keep what came meanwhile
+                        ahead[event.index] = event
+                        if gap_since is None:
+                            gap_since, asked_at = time.monotonic(), 0.0
+                        continue
+                    yield event
+                    next_index = end
+                    while next_index in ahead:
+                        chunk = ahead.pop(next_index)
+                        yield chunk
+                        next_index += len(chunk.token_ids)
+                    ahead = {i: c for i, c in ahead.items() if i + len(c.token_ids) > next_index}
+                    if not ahead:
+                        gap_since = None
+                        if held is not None:
+                            yield held
+                            return
+                    continue
                 if isinstance(event, (Final, Error)):
+                    if gap_since is not None:
+                        held = held or event  # its tokens first
+                        continue
+                    yield event
                     return
+                yield event
         finally:
             watch.stop()
+
+    async def _ask_again(self, label: str, from_index: int) -> None:
+        """Ask (through the routers) for this stream's events again from ``from_index`` (Resend)."""
+        if self._bus is None or not label:
+            return
+        with contextlib.suppress(Exception):
+            await self._bus.publish(self._bus.subjects.resend(self._bus.owner),
+                                    Resend(request_id=label, from_index=from_index))
 
     async def _next(self, budget_s: float, watch: _RouterWatch, target: str) -> Msg | None:
         """The next message within ``budget_s``; None if the watched router is dead first."""

@@ -21,6 +21,10 @@ class IdInUse(BusserveError):
     code = "conflict"
 
 
+class IdNotOwned(IdInUse):
+    """On a secured bus a process serves under its identity's name: its grants are for subjects of that name."""
+
+
 def host_scoped_id(kind: str) -> str:
     """``<kind>-<host>-<random>``: unique across hosts (the host name) and across restarts on one (the suffix)."""
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname().split(".")[0])[:24]
@@ -30,15 +34,21 @@ def host_scoped_id(kind: str) -> str:
 async def check_engine_id_free(bus: Bus, engine_id: str, timeout_s: float = 3.0) -> None:
     """Raise :class:`IdInUse` if an engine already serves as ``engine_id`` on this bus."""
     await _check_free(bus, bus.subjects.engine_action(engine_id, "probe"), Probe(request_id="-"), ProbeReply,
-                      f"engine id {engine_id!r}", timeout_s)
+                      "engine", engine_id, timeout_s)
 
 
 async def check_router_id_free(bus: Bus, router_id: str, timeout_s: float = 3.0) -> None:
     """Raise :class:`IdInUse` if a router already answers on ``router_id``'s ping subject."""
-    await _check_free(bus, bus.subjects.router_ping(router_id), Ack(), Ack, f"router id {router_id!r}", timeout_s)
+    await _check_free(bus, bus.subjects.router_ping(router_id), Ack(), Ack, "router", router_id, timeout_s)
 
 
-async def _check_free(bus: Bus, subject: str, ask: Any, reply: type[Any], what: str, timeout_s: float) -> None:
+async def _check_free(bus: Bus, subject: str, ask: Any, reply: type[Any], kind: str, wanted: str,
+                      timeout_s: float) -> None:
+    what = f"{kind} id {wanted!r}"
+    if bus.owner and bus.owner != wanted:
+        raise IdNotOwned(f"{what} is not this connection's identity {bus.owner!r}: on a secured bus a process serves "
+                         f"under its identity's name (--id {bus.owner}, or issue an identity named {wanted!r}: "
+                         "`busserve security add`)", field="id")
     try:
         await bus.request(subject, ask, reply, timeout_s=timeout_s)
     except NoResponders:

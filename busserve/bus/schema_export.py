@@ -45,7 +45,8 @@ def channels(subjects: Subjects | None = None) -> list[Channel]:
                 "receive", reply=(m.StreamStatus, m.TokenChunk, m.Final, m.Error)),
         Channel("stream", s.stream("{requestId}"), (m.StreamStatus, m.TokenChunk, m.Final, m.Error),
                 "A request's token stream: StreamStatus events (who holds the request), TokenChunk events (check "
-                "index: a gap means a lost event), then exactly one Final or Error. Any subject may be used (the "
+                "index: a gap means a lost event — ask for it again on resendAsOwner), then exactly one Final or "
+                "Error. Any subject may be used (the "
                 "generate request's reply-to); this is the default.", "send"),
         Channel("generateAsOwner", s.generate("{owner}"), (m.GenerateRequest,),
                 "The same on a secured server: a client may publish only under its own name (its NATS user) and "
@@ -57,6 +58,15 @@ def channels(subjects: Subjects | None = None) -> list[Channel]:
         Channel("cancelAsOwner", s.cancel("{owner}"), (m.Cancel,),
                 "A client's cancel on a secured server, under its own name: it counts for its own requests only.",
                 "receive"),
+        Channel("resendAsOwner", s.resend("{owner}"), (m.Resend,),
+                "A client that missed events of its stream (a TokenChunk index past the one it expected, or its "
+                "connection back from an outage) asks for them again from from_index; the router that knows the "
+                "request relays to the engines, and the one that ran it publishes the stream again from there "
+                "(kept 60 s after the end). Skip a TokenChunk that ends at or before the index you expect. On an "
+                "open server the bare subject below carries it.", "receive"),
+        Channel("resend", s.resend(), (m.Resend, m.ResendStream),
+                "Open servers: clients' Resend. Everywhere: a router's ResendStream to the engines (by stream "
+                "subject).", "receive"),
         Channel("strategy", s.strategy("{strategyName}"), (m.RoutedRequest, m.Ack),
                 "Requests forwarded by a router to a strategy running as its own process (queue group); an Ack "
                 "is a ping, answered at once.", "send", reply=(m.StrategyResult, m.Ack, m.Error)),

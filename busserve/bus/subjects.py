@@ -4,9 +4,11 @@
 
     busserve.v1.generate.<owner>                 client → router (queue group), reply-to = stream subject
     busserve.v1.cancel.<owner>                   client → routers (only the request's owner cancels it)
+    busserve.v1.resend.<owner>                   client → routers: events of its stream again, from an index
     busserve.v1.generate, busserve.v1.cancel     the same without an owner, on open servers; routers pass
-                                                 cancels on to engines on busserve.v1.cancel
+    busserve.v1.resend                           cancels and resends on to engines on the bare subjects
     _INBOX.<owner>.>                             an identity's replies and token streams
+    _R_.<id>                                     the same for a tenant's client (the server's import reply mapping)
     busserve.v1.strategy.<name>                  router → strategy process (queue group)
     busserve.v1.engine.<id>.<action>             strategy → engine, request-reply
     busserve.v1.engines.status                   engine heartbeats
@@ -44,6 +46,9 @@ ENGINE_ACTIONS: tuple[EngineAction, ...] = (
 _TOKEN = re.compile(r"^([A-Za-z0-9_\-:]+|\{[A-Za-z_]+\})$")
 
 
+_IMPORT_REPLY_PREFIX = "_R_."  # nats-server's prefix for the reply subjects of service imports
+
+
 def _token(value: str, what: str) -> str:
     """A subject token must not contain dots, wildcards or whitespace."""
     if not _TOKEN.match(value):
@@ -73,6 +78,13 @@ class Subjects:
     def cancel(self, owner: str = "") -> str:
         return f"{self.root}.cancel.{_token(owner, 'owner')}" if owner else f"{self.root}.cancel"
 
+    def resend(self, owner: str = "") -> str:
+        """A client's Resend (owner-named, to routers); bare: a router's ResendStream to engines."""
+        return f"{self.root}.resend.{_token(owner, 'owner')}" if owner else f"{self.root}.resend"
+
+    def resend_any_owner(self) -> str:
+        return f"{self.root}.resend.*"
+
     def generate_any_owner(self) -> str:
         return f"{self.root}.generate.*"
 
@@ -81,7 +93,7 @@ class Subjects:
 
     def owner_of(self, subject: str) -> str:
         """The owner token of a generate / cancel subject ("" for the bare ones)."""
-        for base in (f"{self.root}.generate.", f"{self.root}.cancel."):
+        for base in (f"{self.root}.generate.", f"{self.root}.cancel.", f"{self.root}.resend."):
             if subject.startswith(base):
                 return subject[len(base):]
         return ""
@@ -96,6 +108,13 @@ class Subjects:
     def in_inbox_of(owner: str, subject: str) -> bool:
         """Whether ``subject`` lies in ``owner``'s inbox space — the only place a router streams an owner's tokens."""
         return subject.startswith(f"_INBOX.{owner}.") and len(subject) > len(owner) + 8
+
+    @staticmethod
+    def is_import_reply(subject: str) -> bool:
+        """Whether ``subject`` is the server's reply mapping of a request that came through a service import (a
+        tenant's client): ``_R_.<id>``, which the server delivers to the requester's own reply in its own account
+        and to nothing else."""
+        return subject.startswith(_IMPORT_REPLY_PREFIX) and len(subject) > len(_IMPORT_REPLY_PREFIX)
 
     def stream(self, request_id: str) -> str:
         return f"{self.root}.stream.{_token(request_id, 'request id')}"

@@ -83,7 +83,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM the engine drains: its running requests migrate to other engines; it stops once "
                         "it holds none, or after this long (what is left is resumed elsewhere by recompute)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    g.add_argument("--transport", action="append", default=[], choices=["shm", "bus", "nvshmem"],
+    g.add_argument("--transport", action="append", default=[], choices=["shm", "bus", "nvshmem", "mooncake"],
                    help="KV transports to offer (default: shm and bus)")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     g.add_argument("--attention", default="auto", choices=["auto", "cpu", "torch", "triton", "flashinfer"],

@@ -40,7 +40,9 @@ from busserve.config_store import ConfigStore, ConfigUnavailable, roles_key
 from busserve.engine.engine_core import EngineCore
 from busserve.engine.requests import ActionCmd, CallCmd, CancelCmd, FenceCmd, GenerateCmd, Outbound, WritesOverCmd
 from busserve.engine.sequence import SeqKind
+from busserve.engine.stream_log import StreamLog
 from busserve.errors import MalformedMessage
+from busserve.kv.locality import shm_domain
 from busserve.kv.transfer.base import TransferError
 from busserve.kv.transfer.bus import BusTransport
 from busserve.kv.transfer.nvshmem import require_nvshmem
@@ -60,6 +62,8 @@ from busserve.messages import (
     Probe,
     RemoteSend,
     Renew,
+    Resend,
+    ResendStream,
     Role,
     RolesState,
     SetRoles,
@@ -113,6 +117,8 @@ class EngineService:
         self._subs: list[Any] = []
         self._heartbeat_seq = 0
         self.host = socket.gethostname()
+        self.shm_domain = shm_domain()
+        self.stream_log = StreamLog()  # what went out on each stream lately, for a client that missed some of it
         self.store: ConfigStore | None = None
         self.state: Literal["serving", "draining", "stopped"] = "serving"
         self.last_contact = time.monotonic()
@@ -137,12 +143,20 @@ class EngineService:
         if "bus" in self.core.config.transports:
             self.core.transports["bus"] = BusTransport(self.bus, self.loop, self.core.transfer_executor,
                                                        self.engine_id)
+        if "mooncake" in self.core.config.transports:  # asked for explicitly: refuse to start without it
+            from busserve.kv.transfer.mooncake import MooncakeTransport, reachable_address
+
+            url = self.bus.nc.connected_url
+            host = os.environ.get("BUSSERVE_MOONCAKE_HOST") or reachable_address([url.geturl()] if url else [])
+            self.core.transports["mooncake"] = MooncakeTransport(self.core.kv, self.core.transfer_executor,
+                                                                 self.bus, self.loop, host)
         if "nvshmem" in self.core.config.transports:
             require_nvshmem()  # asked for explicitly: refuse to start rather than silently fall back
         self._tasks.append(asyncio.create_task(self._publisher(), name="engine-publisher"))
         self._subs.append(await self.bus.subscribe(self.subjects.engine_actions_wildcard(self.engine_id),
                                                    self._on_action))
         self._subs.append(await self.bus.subscribe(self.subjects.cancel(), self._on_cancel))
+        self._subs.append(await self.bus.subscribe(self.subjects.resend(), self._on_resend))
         self._subs.append(await self.bus.subscribe(self.subjects.kv_data(self.engine_id), self._on_kv_data))
         await self.bus.nc.flush()
         await self._follow_stored_roles()
@@ -268,6 +282,7 @@ class EngineService:
                 for o in outs:
                     if o.supervised and self._fencing:
                         continue
+                    self.stream_log.record(o.subject, o.msg, o.content_type)
                     try:
                         await self.bus.publish(o.subject, o.msg, content_type=o.content_type, trace=False)
                     except Exception as exc:
@@ -304,7 +319,7 @@ class EngineService:
             waiting=len(sched.waiting), parked=len(sched.parked), free_pages=core.allocator.free_count,
             total_pages=core.allocator.num_pages, page_size=core.config.page_size,
             max_model_len=core.max_model_len, transports=list(core.transports),  # type: ignore[arg-type]
-            host=self.host, pid=os.getpid(), cached_pages=core.cache.num_pages,
+            host=self.host, pid=os.getpid(), shm_domain=self.shm_domain, cached_pages=core.cache.num_pages,
             prefix_hit_rate=core.cache.hit_rate, interval_s=self.config.heartbeat_s, seq=self._heartbeat_seq,
             metrics_url=self.config.metrics_url, pending_prefill_tokens=pending, decoding=decoding,
             draining=self.state != "serving", state=self.state, quarantined_pages=sched.held_pages,
@@ -412,6 +427,25 @@ class EngineService:
             log.debug("bad cancel: %s", exc)
             return
         self.core.submit(CancelCmd(cancel.request_id, cancel.reason))
+
+    async def _on_resend(self, msg: Msg) -> None:
+        """A router relays a client's Resend: publish again what this engine sent on that stream (if anything)."""
+        try:
+            ask = codec.decode(msg.data, ResendStream | Resend, msg.headers)
+        except MalformedMessage as exc:
+            log.debug("bad resend: %s", exc)
+            return
+        if not isinstance(ask, ResendStream):
+            return  # a client's Resend on an open server, for the routers
+        events, content_type = self.stream_log.since(ask.stream_subject, ask.from_index)
+        for event in events:
+            try:
+                await self.bus.publish(ask.stream_subject, event, content_type=content_type, trace=False)
+            except Exception as exc:
+                log.warning("could not resend to %s: %s", ask.stream_subject, exc)
+                return
+        if events:
+            log.info("resent %d event(s) of %s from index %d", len(events), ask.stream_subject, ask.from_index)
 
     async def _on_drain(self, msg: Msg) -> None:
         try:

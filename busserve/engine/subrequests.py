@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from busserve.engine.migration import Migrations
 from busserve.engine.ops import EngineOps
 from busserve.engine.requests import ActionCmd, Memory, Outbound, SendCtx, SendDoneCmd, gen_ctx
@@ -37,7 +39,7 @@ from busserve.engine.scheduler import DuplicateRequest, NeverFits, Scheduler
 from busserve.engine.sequence import SeqKind, SeqStatus, Sequence
 from busserve.kv.pool import OutOfPages
 from busserve.kv.storage import KVStorage, dtype_name
-from busserve.kv.transfer.base import LEASE_SAFETY_MARGIN_S, KVTransport, TransferError
+from busserve.kv.transfer.base import LEASE_SAFETY_MARGIN_S, KVTransport, KVWriter, TransferError
 from busserve.kv.transfer.bus import LandingZones
 from busserve.messages import (
     Abort,
@@ -197,12 +199,14 @@ class SubRequests:
             num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim,
             dtype=dtype_name(lay.dtype), handle=self.transports[transport].receiver_handle(),
             pool_pages=lay.num_pages, expires_at=deadline,
+            # The bus reaches wherever the bus does: if the sender cannot map our segment, it writes over the bus.
+            fallbacks=["bus"] if transport != "bus" and "bus" in self.transports else [],
         )
         if msg.migration:
             self.migrating_in.add(rid)
         if msg.end > matched:
             self.reservations[rid] = Reservation(transport, deadline, msg.sender_pid)
-            if transport == "bus":
+            if transport == "bus" or "bus" in addr.fallbacks:
                 self.landing.open(addr)
         if self.on_prep_recv is not None:
             self.on_prep_recv(seq, matched, len(addr.pages), cmd.trace, cmd.received_ns)
@@ -326,7 +330,7 @@ class SubRequests:
         begin = max(msg.begin, addr.start)
         if msg.end > begin:
             try:
-                writer = transport.open_writer(addr, self.kv)
+                writer = self._open_writer(addr, transport)
             except TransferError as exc:
                 return Error(code="transfer_failed", field="kv_addr", message=str(exc), request_id=rid)
         seq = Sequence(request_id=rid, token_ids=list(msg.prompt_token_ids[: msg.end]), kind=SeqKind.SEND,
@@ -340,6 +344,20 @@ class SubRequests:
         except NeverFits as exc:
             return Error(code="prompt_too_long", field="end", message=str(exc), request_id=rid)
         return None
+
+    def _open_writer(self, addr: KVAddress, transport: KVTransport) -> KVWriter:
+        """A writer on the reservation's transport or, where that cannot reach the receiver from here (its shm
+        segment is on another host or behind another /dev/shm), on the first fallback it accepts that we have."""
+        try:
+            return transport.open_writer(addr, self.kv)
+        except TransferError as exc:
+            for name in addr.fallbacks:
+                other = self.transports.get(name)
+                if other is not None and name != addr.transport:
+                    log.info("remote_send %s: %s to %s failed (%s); writing over %s instead", addr.request_id,
+                             addr.transport, addr.engine_id, exc, name)
+                    return other.open_writer(msgspec.structs.replace(addr, transport=name), self.kv)
+            raise
 
     def layer_hook(self, sends: list[tuple[Sequence, int]]) -> Callable[[int], None] | None:
         """After layer l's KV is written for this step, queue its sends (eager, per layer)."""
@@ -401,6 +419,7 @@ class SubRequests:
                 computed_tokens=ctx.end - min(seq.num_cached, ctx.end), cached_tokens=min(seq.num_cached, ctx.end),
                 duration_s=time.monotonic() - ctx.started, compute_s=ctx.computed_at - ctx.started,
                 transfer_busy_s=ctx.writer.busy_s if ctx.writer is not None else 0.0,
+                transport=ctx.writer.addr.transport if ctx.writer is not None else None,
             ))
         self.ops.finish(seq, "error" if (ctx.aborted or cmd.error) else "sent")
         return cmd.nbytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Callable
@@ -9,7 +10,8 @@ from collections.abc import Callable
 from busserve.bus import codec
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
-from busserve.messages import EngineStatus, RouterStatus
+from busserve.errors import NoResponders, RequestTimeout
+from busserve.messages import EngineStatus, Probe, ProbeReply, RouterStatus
 
 
 async def wait_for_engines(config: BusConfig, ids: set[str], timeout_s: float,
@@ -42,3 +44,27 @@ async def wait_for_engines(config: BusConfig, ids: set[str], timeout_s: float,
     finally:
         await bus.close()
     return seen
+
+
+async def wait_for_engine_probes(configs: dict[str, BusConfig], timeout_s: float, alive: Callable[[], bool]) -> None:
+    """Wait until every engine answers a probe on its own subject, each asked under the engine's own identity
+    (``configs``: engine id → its connection) — for a host whose identities may not read the cluster's
+    heartbeats."""
+    deadline = time.monotonic() + timeout_s
+    for engine_id, config in configs.items():
+        bus = await Bus.connect(config, name=f"busserve-up-{engine_id}")
+        try:
+            while True:
+                try:
+                    await bus.request(bus.subjects.engine_action(engine_id, "probe"), Probe(request_id="-"),
+                                      ProbeReply, timeout_s=2.0)
+                    break
+                except (NoResponders, RequestTimeout):
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{engine_id} did not come up within {timeout_s:.0f}s")
+                if not alive():
+                    raise RuntimeError("a child process exited during start-up")
+                await asyncio.sleep(0.5)
+        finally:
+            await bus.close()

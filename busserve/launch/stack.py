@@ -32,9 +32,9 @@ from busserve.bus.config import BusConfig, clear_up_state, state_dir, write_up_s
 from busserve.bus.embedded import EmbeddedNats, _die_with_parent, free_port
 from busserve.bus.identity import host_scoped_id
 from busserve.bus.subjects import Subjects
-from busserve.launch.readiness import wait_for_engines
+from busserve.launch.readiness import wait_for_engine_probes, wait_for_engines
 from busserve.launch.signals import StopFlag
-from busserve.security.server_config import Credentials, authorization_config
+from busserve.security.server_config import Credentials, auth_config
 
 ENGINE_READY_TIMEOUT_S = 600.0  # a first start converts the default model (~20 s here); a big model takes longer
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -239,9 +239,27 @@ def secure_embedded_server(engine_ids: list[str], router_ids: list[str], port: i
     """The embedded server with an identity per process and the grants of the roles matrix (no open port to the
     bus); the credentials go to a 0600 file in the state folder, for the local ``busserve`` commands."""
     creds = Credentials.for_stack(engine_ids, router_ids)
-    server = EmbeddedNats(port=port, extra_config=authorization_config(list(creds.identities.values()), subjects))
+    server = EmbeddedNats(port=port, extra_config=auth_config(list(creds.identities.values()), subjects))
     path = creds.save(state_dir() / f"credentials-{os.getpid()}.json")
     return server, creds, path
+
+
+def identities_for_join(creds: Credentials, args: argparse.Namespace, with_router: bool) -> tuple[list[str], str]:
+    """The engine ids (in the file's order) and the router id of a host joining with issued identities."""
+    if not getattr(args, "join", None):
+        raise SystemExit("busserve up: --identities goes with --join URL (the cluster those identities belong to)")
+    engines = [i.name for i in creds.identities.values() if i.role == "engine"]
+    routers = [i.name for i in creds.identities.values() if i.role == "router"]
+    if not engines:
+        raise SystemExit(f"busserve up: {args.identities} holds no engine identity")
+    if with_router and not routers:
+        raise SystemExit(f"busserve up: {args.identities} holds no router identity (pass --no-router, or issue one "
+                         "with `busserve security add DIR --router ID`)")
+    if args.engines is not None and args.engines != len(engines):
+        raise SystemExit(f"busserve up: --engines {args.engines}, but {args.identities} holds {len(engines)} engine "
+                         "identities")
+    args.engines = len(engines)
+    return engines, routers[0] if routers else ""
 
 
 def launch_cluster(args: argparse.Namespace, config: BusConfig) -> int:
@@ -252,8 +270,14 @@ def launch_cluster(args: argparse.Namespace, config: BusConfig) -> int:
     # On its own server the stack's ids are short; joining another's, they carry this host and a random suffix
     # (and each process checks its id is free before serving), so two hosts never share one.
     prefix = "" if not config.servers else host_scoped_id("up") + "-"
-    engine_ids = [f"{prefix}e{i}" for i in range(args.engines)]
-    router_id = f"{prefix}router-0"
+    with_router = not getattr(args, "no_router", False)
+    if getattr(args, "identities", None):
+        # Joining a secured cluster: the processes are who the deployment issued (``busserve security add``).
+        creds = Credentials.load(Path(args.identities))
+        engine_ids, router_id = identities_for_join(creds, args, with_router)
+    else:
+        engine_ids = [f"{prefix}e{i}" for i in range(args.engines)]
+        router_id = f"{prefix}router-0"
     if config.servers:
         url = config.servers[0]
     elif getattr(args, "insecure", False):
@@ -287,21 +311,34 @@ def launch_cluster(args: argparse.Namespace, config: BusConfig) -> int:
             children.append(child)
             assert child.proc is not None
             print(f"engine {eid}: pid {child.proc.pid}, cores {shares[i]}, roles {role}", flush=True)
-        router = Child("router", router_command(args, router_id), env_of(router_id))
-        router.start()
-        children.append(router)
-        statuses = asyncio.run(wait_for_engines(
-            config, {c.name for c in children if c.name != "router"}, ENGINE_READY_TIMEOUT_S,
-            alive=lambda: all(c.running for c in children), routers=1,
-        ))
-        model = next(iter(statuses.values())).model
-        http = f"http://{args.http_host}:{args.http_port}/v1" if args.http_port else ""
+        router: Child | None = None
+        if with_router:
+            router = Child("router", router_command(args, router_id), env_of(router_id))
+            router.start()
+            children.append(router)
+        alive = lambda: all(c.running for c in children)  # noqa: E731
+        if creds is not None and server is None and not with_router:
+            # Joined with engine identities only: none may read the cluster's heartbeats; each engine is asked,
+            # under its own identity, whether it answers.
+            asyncio.run(wait_for_engine_probes({e: creds.identities[e].bus_config(config) for e in engine_ids},
+                                               ENGINE_READY_TIMEOUT_S, alive))
+            statuses = {}
+            model = ""
+        else:
+            watcher = config if creds is None or server is not None else creds.identities[router_id].bus_config(config)
+            statuses = asyncio.run(wait_for_engines(
+                watcher, {c.name for c in children if c.name != "router"}, ENGINE_READY_TIMEOUT_S,
+                alive=alive, routers=1 if with_router else 0,
+            ))
+            model = next(iter(statuses.values())).model
+        http = f"http://{args.http_host}:{args.http_port}/v1" if args.http_port and with_router else ""
         if http:
-            wait_for_port(args.http_host, args.http_port, 60.0, alive=lambda: router.running)
+            wait_for_port(args.http_host, args.http_port, 60.0, alive=lambda: router is not None and router.running)
         write_up_state({"pid": os.getpid(), "nats_url": url, "http_url": http, "model": model,
                         "started_at": time.time(), "credentials": str(creds_path) if creds_path else ""})
-        print(f"ready: {len(statuses)} engine(s) serving {model}" + (f"; OpenAI API at {http}" if http else ""),
-              flush=True)
+        print(f"ready: {len(statuses)} engine(s) serving {model}" if model else
+              f"ready: {len(engine_ids)} engine(s) joined the cluster", (f"; OpenAI API at {http}" if http else ""),
+              sep="", flush=True)
         scrape = [st.metrics_url for st in statuses.values() if st.metrics_url]
         if http:
             scrape.insert(0, http.removesuffix("/v1") + "/metrics")

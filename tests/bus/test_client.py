@@ -10,11 +10,12 @@ import time
 import pytest
 from nats.aio.msg import Msg
 
+from busserve.bus import client as client_module
 from busserve.bus import codec
 from busserve.bus.client import Bus
 from busserve.bus.embedded import EmbeddedNats
 from busserve.errors import NoResponders, PayloadTooLarge, RemoteError, RequestTimeout
-from busserve.messages import Ack, Cancel, Error, Final, GenerateRequest, TokenChunk, Usage
+from busserve.messages import Ack, Cancel, Error, Final, GenerateRequest, Resend, TokenChunk, Usage
 
 
 @pytest.mark.asyncio
@@ -183,3 +184,69 @@ async def test_trace_context_rides_in_headers(bus: Bus) -> None:
     assert msg.headers["traceparent"] == f"00-{0x1234:032x}-{0x99:016x}-01"
     continued = trace.get_current_span(extract(msg.headers)).get_span_context()
     assert continued.trace_id == 0x1234
+
+
+async def _lossy_pair(bus: Bus, lose: set[int], lose_final: bool) -> list[object]:
+    """A fake engine that loses chunks ``lose`` (and maybe its Final) on the way, and a fake router that answers
+    a Resend by publishing the stream again from the asked index, as the engine's stream log would."""
+    sent: dict[str, list[TokenChunk | Final]] = {}
+    asked: list[int] = []
+
+    async def engine(msg: Msg) -> None:
+        req = codec.decode(msg.data, GenerateRequest, msg.headers)
+        rid = req.request_id or ""
+        events: list[TokenChunk | Final] = [TokenChunk(request_id=rid, index=i, token_ids=[i], text=str(i))
+                                            for i in range(6)]
+        events.append(Final(request_id=rid, finish_reason="length"))
+        sent[msg.reply] = events
+        for i, e in enumerate(events):
+            if i in lose or (lose_final and isinstance(e, Final)):
+                continue
+            await bus.publish(msg.reply, e)
+
+    async def router(msg: Msg) -> None:
+        ask = codec.decode(msg.data, Resend, msg.headers)
+        asked.append(ask.from_index)
+        for subject, events in sent.items():
+            for e in events:
+                if isinstance(e, Final) or e.index + len(e.token_ids) > ask.from_index:
+                    await bus.publish(subject, e)
+
+    await bus.subscribe("lossy.gen", engine)
+    await bus.subscribe(bus.subjects.resend(), router)
+    events = [e async for e in bus.generate(GenerateRequest(prompt="hi", request_id="lossy"), subject="lossy.gen")]
+    return [asked, events]
+
+
+@pytest.mark.asyncio
+async def test_a_gap_is_asked_again_and_filled_in_order(bus: Bus) -> None:
+    asked, events = await _lossy_pair(bus, lose={2, 3}, lose_final=False)
+    assert asked == [2]
+    assert [e.index for e in events if isinstance(e, TokenChunk)] == [0, 1, 2, 3, 4, 5]  # type: ignore[union-attr]
+    assert [type(e) for e in events].count(Final) == 1 and isinstance(events[-1], Final)  # type: ignore[index]
+
+
+@pytest.mark.asyncio
+async def test_a_lost_tail_is_asked_again_after_a_quiet_spell(bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_module, "RESEND_IDLE_S", 0.3)
+    asked, events = await _lossy_pair(bus, lose={4, 5}, lose_final=True)
+    assert asked and asked[0] == 4
+    assert "".join(e.text for e in events if isinstance(e, TokenChunk)) == "012345"  # type: ignore[union-attr]
+    assert isinstance(events[-1], Final)  # type: ignore[index]
+
+
+@pytest.mark.asyncio
+async def test_a_gap_nobody_fills_ends_the_stream_with_stream_gap(bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_module, "RESEND_WAIT_S", 0.5)
+
+    async def engine(msg: Msg) -> None:
+        for i in (0, 1, 3):
+            await bus.publish(msg.reply, TokenChunk(request_id="g", index=i, token_ids=[i]))
+        await bus.publish(msg.reply, Final(request_id="g", finish_reason="length"))
+
+    await bus.subscribe("gappy.gen", engine)
+    start = time.monotonic()
+    events = [e async for e in bus.generate(GenerateRequest(prompt="hi", request_id="g"), subject="gappy.gen")]
+    assert isinstance(events[-1], Error) and events[-1].code == "stream_gap", events[-1]
+    assert [e.index for e in events if isinstance(e, TokenChunk)] == [0, 1]  # nothing past the gap, no Final
+    assert time.monotonic() - start < 3

@@ -294,6 +294,93 @@ async def test_smollm2_patterns_match_one_engine(smol_pair: ProcessCluster, smol
         await bus.close()
 
 
+# A receiver behind its own /dev/shm (a mount namespace with a fresh tmpfs: what a container on the same host, or
+# an identically named host, looks like to shm): its shm domain differs, routers choose the bus, and a sender told
+# to use shm anyway falls back to the bus for that request.
+_OWN_SHM = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh"]
+
+
+def _can_unshare() -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run([*_OWN_SHM, "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module")
+def split_shm_pair(tiny_dir: Path) -> Iterator[ProcessCluster]:
+    if not _can_unshare():
+        pytest.skip("cannot make a mount namespace with its own /dev/shm here (needs root or user namespaces)")
+    with ProcessCluster() as cluster:
+        args = ("--model", str(tiny_dir), "--dtype", "float32", "--kv-pages", "256", "--max-batch-tokens", "48")
+        cluster.start_engine("H", *args, threads=1)
+        cluster.start_engine("N", *args, threads=1, launcher=_OWN_SHM)
+        cluster.wait_engines({"H", "N"})
+        yield cluster
+
+
+@pytest.mark.asyncio
+async def test_shm_across_separate_dev_shm_falls_back_to_bus(split_shm_pair: ProcessCluster,
+                                                             tiny: LoadedModel) -> None:
+    bus = await Bus.connect(split_shm_pair.bus_config(), name="t")
+    try:
+        view = await live_view(bus, {"H", "N"})
+        h, n = view.get("H"), view.get("N")
+        assert h.host == n.host and h.status.shm_domain and n.status.shm_domain
+        assert h.status.shm_domain != n.status.shm_domain
+        assert n.transport_from(h) == "bus" and h.transport_from(n) == "bus"  # one host name, yet no shm
+        for sender, receiver, seed in ((h, n, 1), (n, h, 2)):
+            prompt = prompt_of(tiny, 70, seed=300 + seed)
+            want = await one_engine(bus, sender.id, prompt, max_tokens=8)
+            got, sent = await run_pattern(bus, disaggregated(0), sender, receiver, prompt, "shm", 8)
+            assert got == want
+            assert sent is not None and sent.transport == "bus" and sent.bytes_sent > 0, sent
+        await wait_idle_no_leaks(bus, {"H", "N"})
+    finally:
+        await bus.close()
+
+
+@pytest.fixture(scope="module")
+def mooncake_pair(tiny_dir: Path) -> Iterator[ProcessCluster]:
+    from busserve.kv.transfer.mooncake import unavailable
+
+    why = unavailable()
+    if why is not None:
+        pytest.skip(why)
+    with ProcessCluster() as cluster:
+        args = ("--model", str(tiny_dir), "--dtype", "float32", "--kv-pages", "256", "--max-batch-tokens", "48",
+                "--transport", "mooncake", "--transport", "bus")
+        for eid in ("M1", "M2"):
+            cluster.start_engine(eid, *args, threads=1)
+        cluster.wait_engines({"M1", "M2"})
+        yield cluster
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", ["pd", "balanced_pd_0.5", "migrate"])
+async def test_mooncake_patterns_match_one_engine(mooncake_pair: ProcessCluster, tiny: LoadedModel,
+                                                  name: str) -> None:
+    """Mooncake's Transfer Engine (TCP) as the KV transport: the router picks it between engines that both offer
+    it and share no /dev/shm, and every pattern gives one engine's tokens."""
+    bus = await Bus.connect(mooncake_pair.bus_config(), name="t")
+    try:
+        view = await live_view(bus, {"M1", "M2"})
+        a, b = view.get("M1"), view.get("M2")
+        assert b.transport_from(a) == "mooncake"
+        prompt = prompt_of(tiny, 80 + len(name), seed=41 + len(name))  # no prefix shared across cases
+        want = await one_engine(bus, "M1", prompt, max_tokens=8)
+        if name == "migrate":
+            await asyncio.sleep(0.3)  # M1's KV events (its cached prompt) reach the view
+        got, sent = await run_pattern(bus, PATTERNS[name], a, b, prompt, "mooncake", 8)
+        assert got == want
+        assert sent is not None and sent.transport == "mooncake" and sent.bytes_sent > 0, sent
+        await wait_idle_no_leaks(bus, {"M1", "M2"})
+    finally:
+        await bus.close()
+
+
 @pytest.mark.asyncio
 async def test_sender_dies_mid_transfer(smol_pair: ProcessCluster, smol: LoadedModel) -> None:
     """S is killed while prefilling for D: D's lease expires, the stream gets an Error, and the pages S was writing

@@ -14,13 +14,21 @@ quarantine until the window ends, or until it knows the sender stopped).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from busserve.kv.storage import KVStorage, dtype_name, page_spans
-from busserve.messages import KVAddress
+from busserve.messages import KVAddress, KVCommit, Transport
+
+if TYPE_CHECKING:
+    from busserve.bus.client import Bus
+
+log = logging.getLogger(__name__)
 
 # Stop writing this long before the reservation's write window ends (``KVAddress.expires_at``; clocks of one host,
 # or NTP-synced hosts): the receiver may reuse the pages of a dropped receive once the window is over.
@@ -166,6 +174,19 @@ class KVWriter(ABC):
                 on_done(err, self.bytes_written)
 
         self._executor.submit(done)
+
+
+def tell_writes_over(bus: Bus, loop: asyncio.AbstractEventLoop, addr: KVAddress, nbytes: int,
+                     transport: Transport) -> None:
+    """From the transfer thread: tell the receiver of a one-sided transport (its code sees no write) that this
+    sender writes no more into ``addr`` (a KVCommit, fire and forget), so a dropped receive's pages come back at
+    once. If it does not arrive, the receiver waits out the write window: slower, still safe."""
+    msg = KVCommit(request_id=addr.request_id, chunks=0, nbytes=nbytes, transport=transport)
+    fut = asyncio.run_coroutine_threadsafe(bus.publish(bus.subjects.kv_data(addr.engine_id), msg), loop)
+    try:
+        fut.result(timeout=5)
+    except Exception as exc:
+        log.debug("could not tell %s that writes for %s are over: %s", addr.engine_id, addr.request_id, exc)
 
 
 class KVTransport(ABC):

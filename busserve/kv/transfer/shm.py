@@ -12,8 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 from busserve.bus.client import Bus
 from busserve.kv.storage import DTYPES, SHM_DIR, KVLayout, KVStorage
-from busserve.kv.transfer.base import KVTransport, KVWriter, TransferError, block_copies, check_compatible, spans_to
-from busserve.messages import KVAddress, KVCommit
+from busserve.kv.transfer.base import (
+    KVTransport,
+    KVWriter,
+    TransferError,
+    block_copies,
+    check_compatible,
+    spans_to,
+    tell_writes_over,
+)
+from busserve.messages import KVAddress
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +45,8 @@ class ShmWriter(KVWriter):
 
     def _writes_over(self, error: Exception | None) -> None:
         bus, loop = self._transport.bus, self._transport.loop
-        if bus is None or loop is None:
-            return
-        msg = KVCommit(request_id=self.addr.request_id, chunks=0, nbytes=self.bytes_written, transport="shm")
-        fut = asyncio.run_coroutine_threadsafe(bus.publish(bus.subjects.kv_data(self.addr.engine_id), msg), loop)
-        try:
-            fut.result(timeout=5)
-        except Exception as exc:  # the receiver then waits out the write window: slower, still safe
-            log.debug("could not tell %s that writes for %s are over: %s", self.addr.engine_id,
-                      self.addr.request_id, exc)
+        if bus is not None and loop is not None:
+            tell_writes_over(bus, loop, self.addr, self.bytes_written, "shm")
 
 
 class ShmTransport(KVTransport):
