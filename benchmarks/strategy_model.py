@@ -109,8 +109,9 @@ class Loop:
         self._n += 1
         heapq.heappush(self._queue, (when, self._n, fn))
 
-    def run(self) -> None:
-        while self._queue:
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """Every event in order, or until ``until()`` holds (for events that recur forever, like heartbeats)."""
+        while self._queue and not until():
             self.now, _, fn = heapq.heappop(self._queue)
             fn()
 

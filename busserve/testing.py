@@ -36,7 +36,7 @@ from busserve.messages import (
     TokenChunk,
 )
 from busserve.router.cluster import ClusterView, Timeouts
-from busserve.security.server_config import Credentials, authorization_config
+from busserve.security.server_config import Credentials, auth_config
 
 
 def _preexec(cpus: list[int] | None) -> None:
@@ -56,10 +56,16 @@ class ProcessCluster:
     # A secured server (busserve/security): every process started under a name with an identity here connects
     # as it (through its environment); None: an open server.
     credentials: Credentials | None = None
+    # The server's users and grants; by default generated from ``credentials`` (a test may widen one user's).
+    auth: str | None = None
+    # The CA that signed the server's certificate, where it requires TLS (children get it in their environment).
+    tls_ca: str | None = None
 
     def __enter__(self) -> ProcessCluster:
-        if self.credentials is not None:
-            self.nats.extra_config = authorization_config(list(self.credentials.identities.values()), Subjects())
+        if self.auth is not None:
+            self.nats.extra_config = self.auth
+        elif self.credentials is not None:
+            self.nats.extra_config = auth_config(list(self.credentials.identities.values()), Subjects())
         self.nats.start()
         return self
 
@@ -72,20 +78,24 @@ class ProcessCluster:
 
     def bus_config(self, identity: str = "operator") -> BusConfig:
         """How a test connects: as ``identity`` on a secured cluster (a name, or a role's one identity)."""
-        base = BusConfig(servers=[self.url], max_reconnect_attempts=2)
+        base = BusConfig(servers=[self.url], max_reconnect_attempts=2, tls_ca=self.tls_ca)
         if self.credentials is None:
             return base
         ident = self.credentials.identities.get(identity) or self.credentials.of_role(identity)  # type: ignore[arg-type]
         return ident.bus_config(base)
 
-    def start(self, name: str, *argv: str, cpus: list[int] | None = None, env: dict[str, str] | None = None
-              ) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "busserve.cli", *argv]
+    def start(self, name: str, *argv: str, cpus: list[int] | None = None, env: dict[str, str] | None = None,
+              launcher: list[str] | None = None) -> subprocess.Popen[bytes]:
+        """``busserve <argv>`` as a child named ``name``; ``launcher`` runs it through a wrapper (that ends by
+        exec-ing its arguments, e.g. ``unshare``), so the child keeps the pid this cluster stops."""
+        cmd = [*(launcher or []), sys.executable, "-m", "busserve.cli", *argv]
         log = None
         if self.log_dir:
             log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")  # noqa: SIM115 - owned by the child
         ident = self.credentials.identities.get(name) if self.credentials is not None else None
         secret = ident.env() if ident is not None else {}
+        if self.tls_ca:
+            secret["BUSSERVE_NATS_TLS_CA"] = self.tls_ca
         proc = subprocess.Popen(cmd, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else None,
                                 env={**os.environ, **secret, **(env or {})}, start_new_session=True,
                                 preexec_fn=lambda: _preexec(cpus))
@@ -95,11 +105,12 @@ class ProcessCluster:
         return proc
 
     def start_engine(self, engine_id: str, *extra: str, cpus: list[int] | None = None,
-                     threads: int | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+                     threads: int | None = None, env: dict[str, str] | None = None,
+                     launcher: list[str] | None = None) -> subprocess.Popen[bytes]:
         argv = ["engine", "--nats", self.url, "--id", engine_id, *extra]
         if threads or cpus:
             argv += ["--threads", str(threads or len(cpus or []))]
-        return self.start(engine_id, *argv, cpus=cpus, env=env)
+        return self.start(engine_id, *argv, cpus=cpus, env=env, launcher=launcher)
 
     def wait_engines(self, ids: set[str], timeout_s: float = 300.0) -> dict[str, EngineStatus]:
         alive = lambda: all(p.poll() is None for p in self.procs.values())  # noqa: E731

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from busserve.bus.client import Bus
+from busserve.bus.runner import run_bounded
 from busserve.cli.options import add_bus_args, bus_config
 from busserve.config_store import ConfigStore, ConfigUnavailable
 from busserve.errors import BusserveError, NoResponders
@@ -132,7 +133,7 @@ async def _serve(args: argparse.Namespace, cfg) -> int:  # type: ignore[no-untyp
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return asyncio.run(_main(args))
+        return run_bounded(_main(args), what="busserve strategy")
     except ConnectionError as exc:
         print(f"busserve strategy: {exc}", file=sys.stderr)
         return 1

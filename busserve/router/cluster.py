@@ -5,14 +5,18 @@ The view is fed by engine heartbeats (EngineStatus) and KV events (chained page 
 ``MISSED_HEARTBEATS`` heartbeats drops out, and is *gone* — its requests are the router's to take over — once that
 silence spans a stretch this router was itself connected for, or at once when its last heartbeat said ``stopped``
 (engines fence themselves sooner: ``engine/service.py``). ``Engine.prep_recv`` picks the KV transport for the pair:
-``shm`` when sender and receiver share a host and both offer it, otherwise ``bus``.
+``shm`` when sender and receiver see the same /dev/shm (their shm domains, ``busserve.kv.locality``; host names
+prove nothing) and both offer it, otherwise ``bus`` — and a sender that cannot map the segment falls back to the bus.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
+import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,7 +24,6 @@ from typing import Literal, TypeVar
 
 from busserve.bus.client import MISSED_HEARTBEATS, Bus
 from busserve.errors import BusserveError, RequestTimeout
-from busserve.kv.page_hash import prefix_page_hashes
 from busserve.messages import (
     Abort,
     AbortReply,
@@ -88,13 +91,95 @@ class EngineState:
     held_back: list[KVEventBatch] = field(default_factory=list)  # batches that arrived during a snapshot
 
 
+SMALL_GROUP = 16  # engines weighed one by one; a larger group is searched in load order
+
+
+class PrefixIndex:
+    """Which engines hold which cached pages: page hash → engine ids, kept from KV events (each engine's own set
+    stays in its EngineState, for removals and snapshots).
+
+    What a request costs the router is then independent of the cluster's size: its page hashes are computed once
+    (``Request.page_hashes``), and one walk down them, intersecting the holders of each page, gives every engine's
+    cached prefix at once — engines holding none of it cost nothing. The walk is kept per request until the next KV
+    event changes the index, so a strategy weighing N engines walks once, not N times.
+    """
+
+    def __init__(self) -> None:
+        self._holders: dict[int, set[str]] = {}
+        self._page_size: dict[str, int] = {}
+        self.version = 0
+
+    @classmethod
+    def of(cls, state: EngineState) -> PrefixIndex:
+        """An index of one engine (an Engine handle made outside a ClusterView)."""
+        index = cls()
+        index.add(state.status.engine_id, state.status.page_size, state.cached)
+        return index
+
+    def add(self, engine_id: str, page_size: int, hashes: Iterable[int]) -> None:
+        self._page_size[engine_id] = page_size
+        for h in hashes:
+            self._holders.setdefault(h, set()).add(engine_id)
+        self.version += 1
+
+    def remove(self, engine_id: str, hashes: Iterable[int]) -> None:
+        for h in hashes:
+            holders = self._holders.get(h)
+            if holders is not None:
+                holders.discard(engine_id)
+                if not holders:
+                    del self._holders[h]
+        self.version += 1
+
+    def matches(self, req: Request) -> dict[str, int]:
+        """Engine id → prompt tokens of ``req`` it holds cached (engines with none are left out)."""
+        memo = req.prefix_memo
+        if memo is not None and memo[0] is self and memo[1] == self.version:
+            return memo[2]
+        out = {e: tokens for tokens, engines in self.groups(req) for e in engines}
+        req.prefix_memo = (self, self.version, out)
+        return out
+
+    def groups(self, req: Request) -> list[tuple[int, set[str]]]:
+        """The engines holding part of ``req``'s prompt, grouped by how many of its tokens they hold — the walk
+        itself in set operations, so a prefix every engine shares costs a few set differences, not a step per
+        engine."""
+        memo = req.groups_memo
+        if memo is not None and memo[0] is self and memo[1] == self.version:
+            return memo[2]
+        out: list[tuple[int, set[str]]] = []
+        sizes = set(self._page_size.values())
+        for ps in sizes:
+            alive: set[str] = set()
+            matched = 0
+            for i, h in enumerate(req.page_hashes(ps)):
+                holders = self._holders.get(h)
+                if not holders:
+                    break
+                if i == 0:
+                    alive = set(holders) if len(sizes) == 1 else {e for e in holders if self._page_size.get(e) == ps}
+                else:
+                    dropped = alive - holders  # they matched i pages
+                    if dropped:
+                        out.append((matched, dropped))
+                        alive -= dropped
+                if not alive:
+                    break
+                matched = (i + 1) * ps
+            if alive:
+                out.append((matched, alive))
+        req.groups_memo = (self, self.version, out)
+        return out
+
+
 class Engine:
     """One engine, as a strategy uses it. Attributes mirror its last heartbeat."""
 
     def __init__(self, bus: Bus, state: EngineState, timeouts: Timeouts, load: LoadTracker,
-                 gone: Callable[[str], bool] | None = None) -> None:
+                 gone: Callable[[str], bool] | None = None, index: PrefixIndex | None = None) -> None:
         self._bus = bus
         self._state = state
+        self._index = index or PrefixIndex.of(state)
         self._t = timeouts
         self._load = load
         self._gone = gone or (lambda _eid: False)
@@ -136,14 +221,9 @@ class Engine:
         return (self.status.free_pages + self.status.cached_pages) / total
 
     def cached_prefix(self, req: Request) -> int:
-        """Tokens of the request's prompt this engine holds in its prefix cache (per its KV events)."""
-        ps = self.status.page_size
-        n = 0
-        for h in prefix_page_hashes(req.prompt_token_ids, ps):
-            if h not in self._state.cached:
-                break
-            n += ps
-        return n
+        """Prompt tokens whose KV this engine holds in its prefix cache (whole pages, from its KV events)."""
+        return self._index.matches(req).get(self.id, 0)
+
 
     def __repr__(self) -> str:
         return f"Engine({self.id}, roles={self.roles}, load={self.load})"
@@ -153,10 +233,21 @@ class Engine:
     def _subject(self, action: str) -> str:
         return self._bus.subjects.engine_action(self.id, action)  # type: ignore[arg-type]
 
+    def shares_memory_with(self, other: Engine) -> bool:
+        """Whether ``other`` can map our shm segments: the same shm domain (busserve.kv.locality); the same host
+        name only for engines that report no domain."""
+        mine, theirs = self.status.shm_domain, other.status.shm_domain
+        if mine or theirs:
+            return mine == theirs
+        return other.host == self.host
+
     def transport_from(self, sender: Engine | None) -> Transport:
         mine = set(self.status.transports)
-        if sender is not None and sender.host == self.host and "shm" in mine & set(sender.status.transports):
+        theirs = set(sender.status.transports) if sender is not None else set()
+        if sender is not None and self.shares_memory_with(sender) and "shm" in mine & theirs:
             return "shm"
+        if "mooncake" in mine & theirs:  # one-sided writes between hosts, where both engines run it
+            return "mooncake"
         return "bus" if "bus" in mine else next(iter(self.status.transports))  # type: ignore[return-value]
 
     async def prep_recv(self, req: Request, end: int, *, sender: Engine | None = None,
@@ -278,6 +369,7 @@ class LoadTracker:
         self._n: dict[str, int] = {}
         self._prefill: dict[str, int] = {}
         self._decoding: dict[str, int] = {}
+        self.on_change: Callable[[str], None] | None = None  # an engine's request count moved (the view reorders)
 
     def get(self, engine_id: str) -> int:
         return self._n.get(engine_id, 0)
@@ -294,6 +386,8 @@ class LoadTracker:
 
     def add(self, engine_id: str, delta: int) -> None:
         self._bump(self._n, engine_id, delta)
+        if self.on_change is not None:
+            self.on_change(engine_id)
 
     def assign(self, req: Request, engine_id: str) -> None:
         if engine_id not in req.assigned:
@@ -334,13 +428,21 @@ class ClusterView:
         self.timeouts = timeouts or Timeouts()
         self._engines: dict[str, EngineState] = {}
         self.load = LoadTracker()
+        self.index = PrefixIndex()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._peers: dict[str, tuple[float, float]] = {}  # other routers: id → (last heartbeat, its interval)
+        # Every engine as (load, id), kept in order as heartbeats and this router's assignments move them: the
+        # lightest engine of a group is found without weighing the group (``cheapest_candidates``).
+        self._by_load: list[tuple[int, str]] = []
+        self._load_key: dict[str, tuple[int, str]] = {}
+        self.load.on_change = self._reorder
 
     def on_status(self, st: EngineStatus) -> None:
         now = time.monotonic()
         state = self._engines.get(st.engine_id)
         if state is None:
             state = self._engines[st.engine_id] = EngineState(status=st, last_seen=now)
+            self._reorder(st.engine_id)
             self._request_snapshot(state)
             return
         if st.pid == state.status.pid and st.seq < state.status.seq:
@@ -348,10 +450,74 @@ class ClusterView:
         restarted = st.pid != state.status.pid
         state.status = st
         state.last_seen = now
+        self._reorder(st.engine_id)
         if restarted:  # a restarted engine starts with an empty cache and a new event sequence
-            state.cached.clear()
+            self._clear(state)
             state.kv_seq = 0
             self._request_snapshot(state)
+
+    def _reorder(self, engine_id: str) -> None:
+        state = self._engines.get(engine_id)
+        if state is None:
+            return
+        st = state.status
+        key = (max(st.running + st.waiting + st.parked, self.load.get(engine_id)), engine_id)
+        old = self._load_key.get(engine_id)
+        if old == key:
+            return
+        if old is not None:
+            del self._by_load[bisect.bisect_left(self._by_load, old)]
+        bisect.insort(self._by_load, key)
+        self._load_key[engine_id] = key
+
+    def cheapest_candidates(self, req: Request, *, role: Role | None = None, model: str = ""
+                            ) -> list[tuple[Engine, int]]:
+        """``(engine, cached prompt tokens)`` for every engine that can be the cheapest place for ``req`` under a
+        cost that grows with the tokens left to compute and with load (ties: the lower id): per group of engines
+        holding the same number of its tokens, and among those holding none, only the least loaded can be. Small
+        groups are weighed whole, large ones by walking the engines in load order — so the work does not grow with
+        the cluster."""
+        now = time.monotonic()
+        out: list[tuple[Engine, int]] = []
+
+        def fits(eid: str) -> EngineState | None:
+            state = self._engines.get(eid)
+            return state if state is not None and self._takes_work(state, now, role, model) else None
+
+        groups = self.index.groups(req)
+        holding: set[str] = set().union(*(ids for _, ids in groups)) if groups else set()
+        others = [(0, set(self._engines) - holding)]
+        for tokens, ids in [*groups, *others]:
+            if len(ids) <= SMALL_GROUP:
+                out += [(self._handle(st), tokens) for eid in sorted(ids) if (st := fits(eid)) is not None]
+                continue
+            for _, eid in self._by_load:  # the first that fits is the group's cheapest
+                if eid in ids and (st := fits(eid)) is not None:
+                    out.append((self._handle(st), tokens))
+                    break
+        return out
+
+    def _takes_work(self, state: EngineState, now: float, role: Role | None, model: str,
+                    draining: bool = False) -> bool:
+        """Alive, not draining (unless ``draining``), with ``role`` and serving ``model`` where they are given."""
+        st = state.status
+        return (self.alive(state, now) and (draining or not st.draining) and (role is None or role in st.roles)
+                and (not model or st.model == model))
+
+    def _handle(self, state: EngineState) -> Engine:
+        return Engine(self.bus, state, self.timeouts, self.load, self.is_gone, self.index)
+
+    def on_router(self, router_id: str, interval_s: float) -> None:
+        """Another router's heartbeat (routers placing requests on the same engines)."""
+        self._peers[router_id] = (time.monotonic(), interval_s)
+
+    def routers(self) -> int:
+        """Routers placing requests on these engines now: this one and the others heard from lately."""
+        now = time.monotonic()
+        for rid, (seen, interval) in list(self._peers.items()):
+            if now - seen > MISSED_HEARTBEATS * max(interval, 0.1):
+                del self._peers[rid]
+        return 1 + len(self._peers)
 
     def on_kv_events(self, batch: KVEventBatch) -> None:
         state = self._engines.get(batch.engine_id)
@@ -368,16 +534,28 @@ class ClusterView:
             return
         self._apply(state, batch)
 
-    @staticmethod
-    def _apply(state: EngineState, batch: KVEventBatch) -> None:
+    def _apply(self, state: EngineState, batch: KVEventBatch) -> None:
+        eid, ps = state.status.engine_id, state.status.page_size
         for ev in batch.events:
             if isinstance(ev, KVStored):
-                state.cached.update(ev.page_hashes)
+                new = [h for h in ev.page_hashes if h not in state.cached]
+                state.cached.update(new)
+                self.index.add(eid, ps, new)
             elif isinstance(ev, KVRemoved):
-                state.cached.difference_update(ev.page_hashes)
+                gone = [h for h in ev.page_hashes if h in state.cached]
+                state.cached.difference_update(gone)
+                self.index.remove(eid, gone)
             elif isinstance(ev, KVCleared):
-                state.cached.clear()
+                self._clear(state)
         state.kv_seq = batch.seq
+        if state.status.total_pages and len(state.cached) > state.status.total_pages:
+            # More pages than the engine has: events were lost or wrong. Bounded memory, and a fresh start.
+            self._clear(state)
+            self._request_snapshot(state)
+
+    def _clear(self, state: EngineState) -> None:
+        self.index.remove(state.status.engine_id, state.cached)
+        state.cached.clear()
 
     def _request_snapshot(self, state: EngineState) -> None:
         if state.snapshot_pending:
@@ -401,7 +579,7 @@ class ClusterView:
             snap = None
         state.snapshot_pending = False
         if snap is not None:
-            state.cached.clear()
+            self._clear(state)
             self._apply(state, snap)
         held, state.held_back = sorted(state.held_back, key=lambda b: b.seq), []
         for batch in held:
@@ -429,22 +607,13 @@ class ClusterView:
     def engines(self, *, role: Role | None = None, model: str = "", draining: bool = False) -> list[Engine]:
         """Live engines that take new work (``draining``: also those draining, which still serve what they hold)."""
         now = time.monotonic()
-        out = []
-        for state in list(self._engines.values()):
-            if not self.alive(state, now) or (state.status.draining and not draining):
-                continue
-            if role is not None and role not in state.status.roles:
-                continue
-            if model and state.status.model != model:
-                continue
-            out.append(Engine(self.bus, state, self.timeouts, self.load, self.is_gone))
+        out = [self._handle(state) for state in list(self._engines.values())
+               if self._takes_work(state, now, role, model, draining)]
         return sorted(out, key=lambda e: e.id)
 
     def get(self, engine_id: str) -> Engine | None:
         state = self._engines.get(engine_id)
-        if state is None:
-            return None
-        return Engine(self.bus, state, self.timeouts, self.load, self.is_gone)
+        return None if state is None else self._handle(state)
 
     def status_of(self, engine_id: str) -> EngineStatus | None:
         """The engine's last heartbeat, whatever its state (``engines`` leaves out draining and dead ones)."""
@@ -461,10 +630,27 @@ class ClusterView:
 
 
 
-def least_loaded(engines: Iterable[Engine], exclude: Iterable[Engine] = ()) -> Engine | None:
-    """The engine with the fewest requests (ties: most free KV, then id)."""
+def least_loaded(engines: Iterable[Engine], exclude: Iterable[Engine] = (), *, routers: int = 1,
+                 rng: random.Random | None = None) -> Engine | None:
+    """The engine with the fewest requests (ties: most free KV, then id).
+
+    With ``routers`` > 1 routers placing requests on the same engines, each sees the others' placements only in
+    the next heartbeat: all would pick the same least-loaded engine until then, and it gets a burst of up to
+    ``routers`` requests (simulated at 64 engines and 8 routers: twice the mean JCT of one router). So each router
+    then weighs a random ``ceil(N / routers)`` of the N candidates (at least 2), ties going to a random one of
+    them — power-of-d choices, which stays balanced on stale loads (benchmarks/cluster_sim.py,
+    docs/BENCHMARKS.md); with one router it is the exact least-loaded engine.
+    """
     skip = {e.id for e in exclude}
     pool = [e for e in engines if e.id not in skip]
     if not pool:
         return None
+    if routers > 1 and len(pool) > 2:
+        d = max(2, math.ceil(len(pool) / routers))
+        # In random order, ties go to whichever comes first: by id they would all go to the lowest ids.
+        pool = (rng or _sampling).sample(pool, min(d, len(pool)))
+        return min(pool, key=lambda e: (e.load, -e.free_kv_fraction))
     return min(pool, key=lambda e: (e.load, -e.free_kv_fraction, e.id))
+
+
+_sampling = random.Random()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -19,6 +20,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 
 from busserve.bus import codec
@@ -34,6 +37,8 @@ from busserve.messages import (
     Final,
     GenerateRequest,
     KVEventBatch,
+    Resend,
+    ResendStream,
     RoutedRequest,
     RouterStatus,
     SetStrategy,
@@ -64,6 +69,7 @@ from busserve.telemetry.router_telemetry import RouterTelemetry, sub_request_spa
 from busserve.tokenization import RequestRejected, check_sampling, prompt_token_ids
 
 log = logging.getLogger(__name__)
+STORE_START_WAIT_S = 30.0
 
 ROUTER_QUEUE = "busserve-routers"
 
@@ -110,6 +116,8 @@ class Router:
         self.in_flight: dict[str, Flight] = {}  # by engine-side id of the first attempt
         # Cancels can overtake their request (it may still be tokenizing): remember recent ones (by label).
         self.cancelled: OrderedDict[tuple[str, str], None] = OrderedDict()  # (owner, label), newest last
+        # The stream subjects of requests that ended here lately, for a client's Resend of events it missed.
+        self.ended_streams: OrderedDict[tuple[str, str], str] = OrderedDict()  # (owner, label) -> subject
         self.completed = 0
         self.failed = 0
         self.resumed = 0
@@ -130,6 +138,7 @@ class Router:
         await check_router_id_free(self.bus, self.config.router_id)
         self._subs.append(await self.bus.subscribe(s.router_ping(self.config.router_id), self._on_ping))
         self._subs.append(await self.bus.subscribe(s.engines_status(), self._on_engine_status))
+        self._subs.append(await self.bus.subscribe(s.routers_status(), self._on_router_status))
         self._subs.append(await self.bus.subscribe(s.all_kv_events(), self._on_kv_events))
         await self._load_strategy()
         # Hear the engines' heartbeats (one interval, 1 s) before taking traffic, so that a router started into a
@@ -141,6 +150,8 @@ class Router:
             self._subs.append(await self.bus.subscribe(subject, self._on_generate, queue=ROUTER_QUEUE))
         for subject in (s.cancel(), s.cancel_any_owner()):
             self._subs.append(await self.bus.subscribe(subject, self._on_cancel))
+        for subject in (s.resend(), s.resend_any_owner()):
+            self._subs.append(await self.bus.subscribe(subject, self._on_resend))
         self._subs.append(await self.bus.subscribe(s.control_strategy(), self._on_set_strategy, queue=ROUTER_QUEUE))
         self._spawn(self._heartbeat())
         self._spawn(self.mover.rebalance_forever())
@@ -187,11 +198,23 @@ class Router:
         except ConfigUnavailable as exc:
             log.warning("%s; the strategy stays %s and is not shared with other routers", exc, self.active.name)
             return
-        stored = await self.store.get_strategy()
-        if stored is None:
-            await self.store.put_strategy(StrategyState(name=self.active.name, params=self.active.stored_params,
-                                                        updated_by=self.config.router_id))
-        await self.store.watch("strategy", StrategyState, self._apply_stored)
+        # A NATS cluster that has just formed may time out JetStream requests for a few seconds (its stream leader
+        # is still being elected): try again, bounded, rather than exit.
+        deadline = time.monotonic() + STORE_START_WAIT_S
+        while True:
+            try:
+                stored = await self.store.get_strategy()
+                if stored is None:
+                    await self.store.put_strategy(StrategyState(name=self.active.name,
+                                                                params=self.active.stored_params,
+                                                                updated_by=self.config.router_id))
+                await self.store.watch("strategy", StrategyState, self._apply_stored)
+                return
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("the config bucket does not answer yet (%s); trying again", exc or type(exc).__name__)
+                await asyncio.sleep(0.5)
 
     def _apply_stored(self, state: StrategyState, revision: int) -> None:
         if revision and revision <= self.active.revision:
@@ -244,6 +267,14 @@ class Router:
         self.view.on_status(status)
         self.mover.on_status(status)
 
+    async def _on_router_status(self, msg: Msg) -> None:
+        try:
+            status: RouterStatus = codec.decode(msg.data, RouterStatus, msg.headers)
+        except MalformedMessage:
+            return
+        if status.router_id != self.config.router_id:
+            self.view.on_router(status.router_id, status.interval_s)
+
     async def _on_kv_events(self, msg: Msg) -> None:
         with contextlib.suppress(MalformedMessage):
             self.view.on_kv_events(codec.decode(msg.data, KVEventBatch, msg.headers))
@@ -259,8 +290,12 @@ class Router:
             log.warning("generate request without a reply subject; dropped")
             return
         owner = self.bus.subjects.owner_of(msg.subject)
-        if owner and not self.bus.subjects.in_inbox_of(owner, msg.reply):
+        if not _sent_by_owner(msg, owner):
+            return
+        if owner and not (self.bus.subjects.in_inbox_of(owner, msg.reply)
+                          or self.bus.subjects.is_import_reply(msg.reply)):
             # A stream into someone else's inbox: answering there would be the forgery, so nothing is published.
+            # (A tenant's request arrives with the server's reply mapping, which leads into its own account only.)
             log.warning("generate from %s with reply subject %r outside its inbox %s.>; dropped", owner, msg.reply,
                         self.bus.subjects.inbox_prefix(owner))
             return
@@ -337,6 +372,9 @@ class Router:
                 for attempt in [req, *flight.attempts]:
                     self.view.load.release(attempt)
                 self.in_flight.pop(req.base_id, None)
+                self.ended_streams[(req.owner, req.label)] = req.stream_subject
+                while len(self.ended_streams) > 10_000:
+                    self.ended_streams.popitem(last=False)
                 if flight.outcome() == "ok":
                     self.completed += 1
                 else:
@@ -437,6 +475,8 @@ class Router:
         except MalformedMessage:
             return
         owner = self.bus.subjects.owner_of(msg.subject)
+        if not _sent_by_owner(msg, owner):
+            return
         self.cancelled[(owner, cancel.request_id)] = None
         while len(self.cancelled) > 10_000:
             self.cancelled.popitem(last=False)
@@ -449,6 +489,25 @@ class Router:
             else:
                 self._spawn(self.bus.publish(self.bus.subjects.cancel(), Cancel(request_id=flight.req.request_id,
                                                                                 reason=cancel.reason)))
+
+    async def _on_resend(self, msg: Msg) -> None:
+        """A client missed events of its stream: the engines publish them again (the one that has them does).
+        Only the request's owner names it, as for a cancel; the stream subject comes from here, never the client."""
+        try:
+            ask = codec.decode(msg.data, Resend | ResendStream, msg.headers)
+        except MalformedMessage:
+            return
+        if not isinstance(ask, Resend):
+            return  # another router's relay to the engines
+        owner = self.bus.subjects.owner_of(msg.subject)
+        if not _sent_by_owner(msg, owner):
+            return
+        subject = next((f.req.stream_subject for f in self.in_flight.values()
+                        if f.req.label == ask.request_id and f.req.owner == owner),
+                       self.ended_streams.get((owner, ask.request_id)))
+        if subject is not None:
+            await self.bus.publish(self.bus.subjects.resend(),
+                                   ResendStream(stream_subject=subject, from_index=ask.from_index))
 
     # ------------------------------------------------------------------ status
 
@@ -465,3 +524,28 @@ class Router:
             except Exception as exc:
                 log.debug("router heartbeat failed: %s", exc)
             await asyncio.sleep(self.config.heartbeat_s)
+
+
+_REQUEST_INFO = "Nats-Request-Info"  # set by the server on messages through a service import with ``share``
+
+
+def _sent_by_owner(msg: Msg, owner: str) -> bool:
+    """Whether the user the server says sent ``msg`` (a tenant's request or cancel, through its import) is the
+    owner its subject names. The subject alone would do within a tenant's grants; this also holds against a user
+    of the tenant's account whose grants are wider than a client's. The server names a password user by its name,
+    an mTLS one by its certificate's ``CN=<name>``, a JWT one by its signed name (``name_tag``); a plain nkey user
+    only by its public key, which says nothing here, so for those the tenant's grants are the whole check."""
+    raw = (msg.headers or {}).get(_REQUEST_INFO)
+    if not raw or not owner:
+        return True
+    try:
+        info = json.loads(raw)
+        user, name_tag = str(info.get("user") or ""), str(info.get("name_tag") or "")
+    except (ValueError, AttributeError):
+        user = name_tag = ""
+    if owner in (user, user.removeprefix("CN="), name_tag):
+        return True
+    if not name_tag and len(user) == 56 and user.startswith("U") and user.isalnum() and user.isupper():
+        return True  # a plain nkey user
+    log.warning("%s names owner %s but the server says %r sent it; dropped", msg.subject, owner, name_tag or user)
+    return False

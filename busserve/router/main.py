@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from busserve.bus.client import Bus
 from busserve.bus.config import BusConfig
 from busserve.bus.identity import IdInUse
+from busserve.bus.runner import run_bounded
 from busserve.engine.model_loader import resolve_model_dir
 from busserve.router.dispatcher import Router, RouterConfig
 from busserve.router.http_guard import Guard, Limits, load_api_keys
@@ -106,7 +107,7 @@ def run_router_command(args: argparse.Namespace, cfg: BusConfig) -> int:
         await serve(cfg, config, args.tokenizer, http, stop)
 
     try:
-        asyncio.run(main())
+        run_bounded(main(), what=f"router {config.router_id}")
     except IdInUse as exc:
         print(f"busserve router: {exc}", flush=True)
         return 2

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from busserve.bus.codec import ContentType
+from busserve.kv.page_hash import prefix_page_hashes
 from busserve.messages import SamplingParams, StreamOptions
 
 
@@ -47,6 +49,12 @@ class Request:
     start_pending: str | None = None  # start_generate sent to this engine, reply not seen yet
     strategy: str = ""
     operation: str = "text_completion"  # "chat" when the client sent messages (GenAI conventions)
+    # The prompt's chained page hashes per page size, computed once however many engines weigh the request (the
+    # prompt of a Request never changes; a new attempt is a new Request with its own).
+    hashes: dict[int, list[int]] = field(default_factory=dict, repr=False)
+    # The last cached-prefix walk of the cluster's index for this request: (index, its version, engine → tokens).
+    prefix_memo: tuple[Any, int, dict[str, int]] | None = field(default=None, repr=False)
+    groups_memo: tuple[Any, int, list[tuple[int, set[str]]]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.label = self.label or self.request_id
@@ -55,6 +63,13 @@ class Request:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
+
+    def page_hashes(self, page_size: int) -> list[int]:
+        """Hashes of the prompt's full pages (``busserve.kv.page_hash``), computed on first use."""
+        got = self.hashes.get(page_size)
+        if got is None:
+            got = self.hashes[page_size] = prefix_page_hashes(self.prompt_token_ids, page_size)
+        return got
 
     def renumber(self) -> None:
         """Go on under a fresh engine-side id, in place, forgetting the engines touched so far (the caller has
@@ -74,4 +89,5 @@ class Request:
         out = list(streamed) if streamed is not None else list(self.prompt_token_ids[len(prompt):])
         return replace(self, request_id=f"{self.base_id}:{n}", attempt=n, prompt_token_ids=prompt + out,
                        output_offset=len(out), touched=set(), senders=set(), parked_on=set(), assigned=set(),
-                       prefill_charge={}, decoding_on=None, started_on=None, start_pending=None)
+                       prefill_charge={}, decoding_on=None, started_on=None, start_pending=None, hashes={},
+                       prefix_memo=None, groups_memo=None)

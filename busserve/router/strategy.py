@@ -71,7 +71,7 @@ class Cluster:
         return self.view.engines(role=role, model=self.model)
 
     def least_loaded(self, role: Role | None = None, exclude: Iterable[Engine] = ()) -> Engine:
-        engine = least_loaded(self.engines(role), exclude)
+        engine = least_loaded(self.engines(role), exclude, routers=self.view.routers())
         if engine is None:
             what = f" with role {role}" if role else ""
             avoid = [e.id for e in exclude]
@@ -79,7 +79,13 @@ class Cluster:
         return engine
 
     def try_least_loaded(self, role: Role | None = None, exclude: Iterable[Engine] = ()) -> Engine | None:
-        return least_loaded(self.engines(role), exclude)
+        return least_loaded(self.engines(role), exclude, routers=self.view.routers())
+
+    def cheapest_candidates(self, req: Request, role: Role | None = None) -> list[tuple[Engine, int]]:
+        """``(engine, cached prompt tokens)`` for the only engines that can be the cheapest place for ``req`` when
+        cost grows with the tokens left to compute and with load, ties to the lower id (``prefix_aware``'s rule):
+        a few per group of engines holding the same prefix, however large the cluster."""
+        return self.view.cheapest_candidates(req, role=role, model=self.model)
 
     def longest_prefix(self, req: Request) -> tuple[Engine | None, int]:
         """The engine caching the longest prefix of the prompt, and that prefix's length in tokens."""
