@@ -93,3 +93,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="linear layers; auto = on CPU in bf16/fp16 weights packed once by oneDNN "
                         "(bit-identical, faster), and in bf16 on AMX CPUs decode steps on busserve's AMX kernel "
                         "over a second copy of the weights; onednn = the packing alone (one copy); torch = F.linear")
+    g.add_argument("--quantization", default="none", choices=["auto", "none", "int8", "int4"],
+                   help="weights of the linear layers (CPU; default none); auto = a GGUF's own quantized types served as they "
+                        "are (Q4_0/Q4_1/Q4_K as int4, Q8_0/Q6_K as int8, dequantized in registers by busserve's "
+                        "AVX-512 kernel), other models dense; none = dense in --dtype (a GGUF dequantized once into "
+                        "the cache); int4/int8 = every linear layer in that layout")

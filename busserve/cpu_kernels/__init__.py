@@ -1,12 +1,14 @@
 """busserve's C++ CPU kernels, built on first use for the machine they run on.
 
-Two kernels, one library:
+Three kernels, one library:
 
 * ``paged_decode.cpp``: paged decode attention for x86 CPUs with AVX-512, ``torch.ops.busserve.paged_decode`` (the
   ``cpu`` decode backend in ``engine/attention_backends.py``);
 * ``small_linear.cpp``: linear layers for decode-sized batches on AMX, ``torch.ops.busserve.small_linear`` over
   weights from ``torch.ops.busserve.pack_vnni`` (used by ``engine/packed_linear.py``). It builds on any AVX-512
-  CPU; ``amx_unavailable_reason()`` says whether it can run on this one.
+  CPU; ``amx_unavailable_reason()`` says whether it can run on this one;
+* ``quant_linear.cpp``: weight-only int4/int8 linear layers over quantized weights dequantized in registers,
+  ``torch.ops.busserve.quant_linear`` (used by ``engine/quantized.py``), on any AVX-512 CPU.
 
 Why built here rather than shipped: the kernel is compiled with ``-march=native`` for the CPU it runs on, and a
 prebuilt binary would have to match the user's torch build exactly. The build is one ``c++`` call against torch's
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_decode.cpp", "small_linear.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_decode.cpp", "small_linear.cpp", "quant_linear.cpp"))
 BUILD_TIMEOUT_S = 300.0
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
 

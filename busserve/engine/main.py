@@ -60,6 +60,7 @@ class EngineOptions:
     metrics_host: str = "127.0.0.1"
     attention: str = "auto"
     linear: str = "auto"
+    quantization: str = "none"
     drain_grace_s: float = 60.0
 
 
@@ -68,7 +69,7 @@ def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> Engine
         torch.set_num_threads(opts.threads)
     if loaded is None:
         loaded = load_model(opts.model, dtype=resolve_dtype(opts.dtype, opts.device), device=opts.device,
-                            max_model_len=opts.max_model_len)
+                            max_model_len=opts.max_model_len, quantization=opts.quantization)
     maybe_pack(loaded.model, opts.linear)  # in place, also for a model passed in: products are bit-identical
     per_page = kv_layout_for(loaded, 1, opts.page_size, next(loaded.model.parameters()).dtype).nbytes
     num_pages = opts.kv_pages or max(16, parse_bytes(opts.kv_memory) // per_page)
@@ -151,7 +152,8 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         threads=args.threads, transports=tuple(args.transport or ("shm", "bus")),
         roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()), metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
-        attention=args.attention, linear=args.linear, drain_grace_s=args.drain_grace_s,
+        attention=args.attention, linear=args.linear, quantization=args.quantization,
+        drain_grace_s=args.drain_grace_s,
     )
 
 

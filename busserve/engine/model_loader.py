@@ -10,22 +10,19 @@ conversion (a file lock). Nothing is ever downloaded.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from busserve.bus.config import state_dir
+from busserve.engine.model_cache import cache_key, file_lock, models_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -80,29 +77,13 @@ def default_gguf() -> Path:
     return found[0]
 
 
-def models_cache_dir() -> Path:
-    return Path(os.environ.get("BUSSERVE_MODEL_CACHE", str(state_dir() / "models")))
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def converted_gguf_dir(gguf: Path) -> Path:
-    """The folder holding the converted model for ``gguf``, converting it first if needed."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    target = models_cache_dir() / f"{gguf.stem}-{key}"
+    """The folder holding the dequantized (``--quantization none``) model for ``gguf``, converting it first if
+    needed."""
+    target = models_cache_dir() / f"{gguf.stem}-{cache_key(gguf)}"
     if (target / "config.json").exists():
         return target
-    with _file_lock(target.with_suffix(".lock")):
+    with file_lock(target.with_suffix(".lock")):
         if (target / "config.json").exists():  # another process converted it while we waited
             return target
         _convert_gguf(gguf, target)
@@ -129,6 +110,16 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     print(f"busserve: converted in {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
+def gguf_of(spec: str | None) -> tuple[Path, str] | None:
+    """(GGUF file, served name) when ``spec`` names one (None: the default model), else None."""
+    if not spec:
+        return default_gguf(), DEFAULT_MODEL_NAME
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path, path.stem
+    return None
+
+
 def resolve_model_dir(spec: str | None) -> tuple[Path, str]:
     """(folder to load, served model name) for a --model value."""
     if not spec:
@@ -142,14 +133,36 @@ def resolve_model_dir(spec: str | None) -> tuple[Path, str]:
 
 
 def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               max_model_len: int | None = None) -> LoadedModel:
+               max_model_len: int | None = None, quantization: str = "none") -> LoadedModel:
+    """``quantization`` (``--quantization``): ``none`` serves dense weights in ``dtype`` (a GGUF is dequantized
+    once into the cache); ``auto`` keeps a GGUF's own quantized types (engine/quantized.py) and leaves other
+    models dense; ``int4``/``int8`` put every linear layer in that layout, whatever the model was."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from busserve.engine import quantized
     from busserve.engine.attention import ATTN_IMPLEMENTATION
 
-    folder, name = resolve_model_dir(spec)
+    if quantization not in quantized.MODES:
+        raise ValueError(f"--quantization {quantization!r}: expected one of {', '.join(quantized.MODES)}")
+    if quantization != "none" and torch.device(device).type != "cpu":
+        if quantization != "auto":
+            raise ValueError(f"--quantization {quantization}: quantized weights run on the CPU here, not {device}")
+        quantization = "none"
+    gguf = gguf_of(spec)
+    if gguf is not None and quantization != "none":
+        from busserve.engine.gguf_model import load_quantized
+
+        model, folder = load_quantized(gguf[0], dtype=dtype, mode=quantization,
+                                       attn_implementation=ATTN_IMPLEMENTATION)
+        name = gguf[1]
+    else:
+        folder, name = resolve_model_dir(spec)
+        refuse_unsupported_features(folder)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype,
+                                                     attn_implementation=ATTN_IMPLEMENTATION)
+        if quantization in ("int4", "int8"):
+            quantize_linear_layers(model, 4 if quantization == "int4" else 8)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -163,6 +176,49 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32, d
     limit = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=folder, eos_token_ids=eos,
                        max_model_len=min(limit, max_model_len or limit))
+
+
+def quantize_linear_layers(model: torch.nn.Module, bits: int) -> int:
+    """Every ``nn.Linear`` of a dense model in the int4/int8 layout (engine/quantized.py); returns how many."""
+    from busserve.engine import quantized
+
+    quantize = quantized.quantize_int4 if bits == 4 else quantized.quantize_int8
+    layers = [(name, module) for name, module in model.named_modules() if type(module) is torch.nn.Linear
+              and module.in_features % 32 == 0]
+    for name, module in layers:
+        parent, _, child = name.rpartition(".")
+        w = quantize(module.weight.detach(), str(module.weight.dtype).removeprefix("torch."))
+        bias = None if module.bias is None else module.bias.detach()
+        setattr(model.get_submodule(parent) if parent else model, child, quantized.QuantLinear(w, bias=bias))
+    return len(layers)
+
+
+# Attention variants the paged attention does not implement: serving such a model would be silently wrong.
+_UNSUPPORTED_CONFIG = {
+    "attn_logit_softcapping": "attention logit soft-capping",
+    "final_logit_softcapping": "final logit soft-capping",
+}
+
+
+def refuse_unsupported_features(folder: Path) -> None:
+    """Raise naming the features of ``folder``'s config that busserve's attention would silently get wrong
+    (sliding windows, logit soft-capping, attention sinks)."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    found = [what for key, what in _UNSUPPORTED_CONFIG.items() if config.get(key)]
+    if config.get("sliding_window") and config.get("use_sliding_window", True):
+        found.append(f"sliding-window attention (window {config['sliding_window']})")
+    if config.get("layer_types") and any("sliding" in str(t) for t in config["layer_types"]):
+        found.append("sliding-window attention layers")
+    if config.get("num_attention_sinks") or "sinks" in str(config.get("model_type", "")):
+        found.append("attention sinks")
+    if found:
+        raise ValueError(f"{folder.name}: busserve's paged attention does not implement {', '.join(found)}; "
+                         "refusing to serve it rather than answer wrongly")
 
 
 def save_tiny_llama(folder: Path, *, tokenizer_from: Path | None = None, seed: int = 0, layers: int = 2,

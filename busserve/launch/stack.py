@@ -79,7 +79,7 @@ def engine_command(args: argparse.Namespace, engine_id: str, threads: int, roles
            "--threads", str(threads), "--roles", roles, "--metrics-port", str(free_port()), "--dtype", args.dtype,
            "--page-size", str(args.page_size), "--kv-memory", args.kv_memory, "--max-running",
            str(args.max_running), "--max-queued", str(args.max_queued), "--device", args.device,
-           "--attention", args.attention, "--linear", args.linear, "--drain-grace-s", str(args.drain_grace_s)]
+           "--attention", args.attention, "--linear", args.linear, "--quantization", args.quantization, "--drain-grace-s", str(args.drain_grace_s)]
     for flag, value in (("--model", args.model), ("--kv-pages", args.kv_pages),
                         ("--max-batch-tokens", args.max_batch_tokens),
                         ("--max-prefill-tokens", args.max_prefill_tokens), ("--max-model-len", args.max_model_len)):
