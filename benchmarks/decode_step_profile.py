@@ -116,23 +116,26 @@ def main() -> int:
     ap.add_argument("--attention", default="torch,cpu", help="decode backends to compare, comma-separated")
     ap.add_argument("--linear", default="auto",
                     help="linear-layer modes to compare, comma-separated (auto = oneDNN-packed weights, torch)")
+    ap.add_argument("--quantization", default="none",
+                    help="weight modes to compare, comma-separated (none, auto = the GGUF's own quantized types)")
     ap.add_argument("--profile", metavar="BATCHxCONTEXT",
                     help="also print torch.profiler's table for this shape (through the last backend listed)")
     ap.add_argument("--mixed", metavar="BATCHxCONTEXT",
                     help="time steps carrying prompt chunks beside these decoders instead (first backend listed)")
     ap.add_argument("--chunks", default="0,32,64,128,256,512,1024", help="prompt tokens per step, for --mixed")
     args = ap.parse_args()
-    # One column per (attention, linear) pair; a model is loaded once per linear mode (packing changes it).
-    linears = args.linear.split(",")
-    variants = [(a, lin) for lin in linears for a in args.attention.split(",")]
-    names = [a if len(linears) == 1 else f"{a}+{lin}" for a, lin in variants]
+    # One column per (attention, linear, quantization); a model is loaded once per weight mode (packing changes it).
+    linears, quants = args.linear.split(","), args.quantization.split(",")
+    variants = [(a, lin, q) for q in quants for lin in linears for a in args.attention.split(",")]
+    names = ["+".join([a] + ([lin] if len(linears) > 1 else []) + ([q] if len(quants) > 1 else []))
+             for a, lin, q in variants]
     cores: dict[str, EngineCore] = {}
-    loaded_by_linear: dict[str, LoadedModel] = {}
-    for name, (attention, linear) in zip(names, variants, strict=True):
+    loaded_by_weights: dict[tuple[str, str], LoadedModel] = {}
+    for name, (attention, linear, quant) in zip(names, variants, strict=True):
         opts = EngineOptions(engine_id=f"profile-{name}", threads=args.threads, dtype=args.dtype, transports=(),
-                             attention=attention, linear=linear)
-        cores[name] = build_core(opts, loaded_by_linear.get(linear))
-        loaded_by_linear[linear] = cores[name].loaded
+                             attention=attention, linear=linear, quantization=quant)
+        cores[name] = build_core(opts, loaded_by_weights.get((linear, quant)))
+        loaded_by_weights[(linear, quant)] = cores[name].loaded
     rng = random.Random(0)
     if args.mixed:
         b, c = (int(x) for x in args.mixed.split("x"))

@@ -7,7 +7,10 @@
    uses with ``--quantization none`` (oneDNN-packed weights, plus the AMX kernel where the CPU has AMX), beside
    the floor of bytes read over the machine's measured read bandwidth.
 2. The engine end to end (a real engine process on an embedded nats-server, the client on the bus): one stream's
-   decode rate and 16 concurrent streams' output rate, ``--quantization auto`` against ``none``.
+   decode rate and 16 concurrent streams' output rate, ``--quantization auto`` against ``none``, and against
+   llama.cpp's server on the same GGUF with the same threads (``--llama-server PATH``, built from the
+   llama-cpp-python sdist's vendored sources: ``cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build
+   build --target llama-server``), 16 slots, prompt cache off, the same token ids.
 """
 
 from __future__ import annotations
@@ -115,12 +118,66 @@ async def _engine_runs(cluster: ProcessCluster, engine_id: str, prompts: list[li
     return {"single_stream_tok_s": max(singles), "c16_output_tok_s": c16}
 
 
-def engine_bench(threads: int) -> dict[str, Any]:
+def _prompts() -> list[list[int]]:
     import random
 
     rng = random.Random(5)
-    prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(16)]
+    return [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(16)]
+
+
+def llama_cpp_bench(binary: str, threads: int) -> dict[str, float]:
+    """llama.cpp's server on the default GGUF: one stream's decode rate (its own timings) and 16 streams at once."""
+    import subprocess
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from busserve.bus.embedded import free_port
+    from busserve.engine.model_loader import default_gguf
+
+    port = free_port()
+    proc = subprocess.Popen([binary, "-m", str(default_gguf()), "-t", str(threads), "-tb", str(threads),
+                             "-np", "16", "-c", str(16 * 256), "--host", "127.0.0.1", "--port", str(port),
+                             "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def post(ids: list[int], n: int) -> dict[str, Any]:
+        body = json.dumps({"prompt": ids, "n_predict": n, "temperature": 0.0, "ignore_eos": True,
+                           "cache_prompt": False}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            result: dict[str, Any] = json.loads(resp.read())
+            return result
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("llama-server did not come up") from None
+                time.sleep(0.5)
+        prompts = _prompts()
+        post(prompts[0][:16], 4)
+        single = max(post(prompts[i], 128)["timings"]["predicted_per_second"] for i in range(2))
+        t = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda p: post(p, 64), prompts))
+        c16 = len(prompts) * 64 / (time.perf_counter() - t)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    print(f"  llama.cpp server: single stream {single:.1f} tok/s, 16 streams {c16:.1f} tok/s", flush=True)
+    return {"single_stream_tok_s": single, "c16_output_tok_s": c16}
+
+
+def engine_bench(threads: int, llama_server: str | None) -> dict[str, Any]:
+    prompts = _prompts()
     out: dict[str, Any] = {}
+    if llama_server:
+        out["llama.cpp"] = llama_cpp_bench(llama_server, threads)
     for mode in ("auto", "none", "auto"):  # auto twice: the first and last runs show the drift of the machine
         with ProcessCluster() as cluster:
             eid = f"q-{mode}"
@@ -130,6 +187,8 @@ def engine_bench(threads: int) -> dict[str, Any]:
         print(f"  --quantization {mode}: single stream {r['single_stream_tok_s']:.1f} tok/s, "
               f"16 streams {r['c16_output_tok_s']:.1f} tok/s", flush=True)
         out.setdefault(mode, []).append(r)
+    if llama_server:
+        out["llama.cpp, again"] = llama_cpp_bench(llama_server, threads)
     return out
 
 
@@ -137,6 +196,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary, to run beside busserve")
     ap.add_argument("--out", default=".bench/quantized.json")
     args = ap.parse_args()
     result: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
@@ -146,7 +206,7 @@ def main() -> int:
         result[f"linears_{threads}t"] = linears_bench(threads)
     if not args.skip_engine:
         print(f"engine, {args.threads} threads:", flush=True)
-        result["engine"] = engine_bench(args.threads)
+        result["engine"] = engine_bench(args.threads, args.llama_server)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

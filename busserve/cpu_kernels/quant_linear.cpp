@@ -30,6 +30,7 @@
 #include <array>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 namespace {
 
@@ -213,11 +214,185 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+
+// ---- int4, 16 outputs per vector ("x16" layout) -------------------------------------------------------------------
+//
+// For bf16 activations on CPUs with AVX512-BF16 the int4 weights are re-laid once at load so that one vector holds
+// 16 outputs: per block of 16 output rows and per pair of inputs (k, k+1), 16 bytes — byte j = q[n0+j, k] |
+// q[n0+j, k+1] << 4 — and per group of 32 inputs the 16 outputs' fp16 scales and mins. A 32-bit lane of
+// `(b | b << 12) & 0x000F000F | 0x43004300` is then the bf16 pair (128 + q_k, 128 + q_k+1): four instructions turn
+// 32 weights into vdpbf16ps operands, the x pair is a broadcast, and the lanes are the 16 outputs, so no horizontal
+// sums are left. Per group and output, sum_k w x = s * D + (m - 128 s) * sum_k x, with D the dot of (128 + q)
+// with x (exact products, fp32 sums) and sum_k x computed once per row and group.
+#if defined(__AVX512BF16__)
+template <int R>
+inline void int4_x16_pass(const uint16_t* x, int64_t ldx, const float* xsum, int64_t groups, const uint8_t* q,
+                          const uint16_t* scale, const uint16_t* mins, const float* bias, int lanes, uint16_t* out,
+                          int64_t ldo) {
+  constexpr int kChains = R <= 4 ? 2 : 1;  // two dot chains per row hide vdpbf16ps's latency when rows are few
+  const __m512i value_bits = _mm512_set1_epi32(0x000F000F);
+  const __m512i magic = _mm512_set1_epi32(0x43004300);
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + g * 16)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins + g * 16)));
+    const __m512 offset = _mm512_fmadd_ps(_mm512_set1_ps(-128.0f), s, m);
+    __m512 dot[R][kChains];
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < kChains; ++c) dot[i][c] = _mm512_setzero_ps();
+    for (int half = 0; half < 2; ++half) {
+      __m512i w[8];
+      for (int p = 0; p < 8; ++p) {
+        const __m512i b = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (g * 16 + half * 8 + p) * 16)));
+        // (b | b << 12) & value_bits in one vpternlogd (0xA8 is (A | B) & C in its truth table), then | magic
+        w[p] = _mm512_or_si512(_mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), value_bits, 0xA8), magic);
+      }
+      for (int i = 0; i < R; ++i) {
+        const uint16_t* xp = x + i * ldx + g * 32 + half * 16;
+        for (int p = 0; p < 8; ++p) {
+          const __m512i xx = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xp + 2 * p));
+          dot[i][p % kChains] = _mm512_dpbf16_ps(dot[i][p % kChains], (__m512bh)w[p], (__m512bh)xx);
+        }
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      __m512 d = dot[i][0];
+      if constexpr (kChains == 2) d = _mm512_add_ps(d, dot[i][1]);
+      acc[i] = _mm512_fmadd_ps(d, s, acc[i]);
+      acc[i] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xsum[i * groups + g]), acc[i]);
+    }
+  }
+  // Bias in fp32, one rounding to bf16, and a masked store for the last block's padding lanes.
+  const __mmask16 keep = lanes == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << lanes) - 1);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
+  for (int i = 0; i < R; ++i) {
+    const __m256i y = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i], b));
+    _mm256_mask_storeu_epi16(out + i * ldo, keep, y);
+  }
+}
+
+using X16PassFn = void (*)(const uint16_t*, int64_t, const float*, int64_t, const uint8_t*, const uint16_t*,
+                           const uint16_t*, const float*, int, uint16_t*, int64_t);
+constexpr int kX16Rows = 8;
+template <int... R>
+constexpr std::array<X16PassFn, sizeof...(R) + 1> make_x16_passes(std::integer_sequence<int, R...>) {
+  return {nullptr, int4_x16_pass<R + 1>...};
+}
+constexpr auto kX16Passes = make_x16_passes(std::make_integer_sequence<int, kX16Rows>{});
+
+// The whole weight as bf16 [K, N padded to 16] (k-major: 16 outputs' values side by side, as the x16 lanes lie),
+// for prefill-sized products: from ~64-128 rows oneDNN's bf16 GEMM over the dequantized layer beats the register
+// kernel, and one layer's dense weight (a few MB) stays in the last-level cache between being written here and
+// read by the GEMM, so the dequantization costs little beside a product of hundreds of rows.
+at::Tensor dequantize_x16_kn(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins) {
+  const int64_t blocks = qweight.size(0), K = qweight.size(1) * 2, groups = K / 32, N = blocks * 16;
+  at::Tensor w = at::empty({K, N}, qweight.options().dtype(at::kBFloat16));
+  auto* wp = reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>());
+  const auto* qp = static_cast<const uint8_t*>(qweight.data_ptr());
+  const auto* scp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const auto* mnp = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
+  const __m512i low_mask = _mm512_set1_epi32(0xF);
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint16_t* sg = scp + (b * groups + g) * 16;
+        const uint16_t* mg = mnp + (b * groups + g) * 16;
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg)));
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mg)));
+        for (int p = 0; p < 16; ++p) {
+          const int64_t k = g * 32 + 2 * p;
+          const __m512i v =
+              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qp + (b * (K / 2) + k / 2) * 16)));
+          const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low_mask)), s, m);
+          const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, m);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(wp + k * N + b * 16), (__m256i)_mm512_cvtneps_pbh(lo));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(wp + (k + 1) * N + b * 16), (__m256i)_mm512_cvtneps_pbh(hi));
+        }
+      }
+    }
+  });
+  return w;
+}
+
+at::Tensor quant_linear_x16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const at::Tensor& mins, int64_t out_features, const c10::optional<at::Tensor>& bias,
+                            int64_t gemm_from_rows) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "quant_linear_x16: x must be 2-D bf16");
+  TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == 16 && qweight.is_contiguous(),
+              "quant_linear_x16: qweight must be [N/16, K/2, 16] bytes");
+  const int64_t M = x.size(0), K = x.size(1), blocks = qweight.size(0), groups = K / 32;
+  TORCH_CHECK(K % 32 == 0 && qweight.size(1) * 2 == K, "quant_linear_x16: x has ", K, " features, the weight ",
+              qweight.size(1) * 2);
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  mins.is_contiguous() && scales.numel() == blocks * groups * 16 && mins.numel() == scales.numel(),
+              "quant_linear_x16: scales and mins must be fp16 [N/16, K/32, 16]");
+  TORCH_CHECK(out_features <= blocks * 16 && out_features > (blocks - 1) * 16, "quant_linear_x16: ", out_features,
+              " outputs do not fill ", blocks, " blocks of 16");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                                    bias->numel() == out_features),
+              "quant_linear_x16: bias must be ", out_features, " contiguous fp32 values");
+  if (gemm_from_rows > 0 && M >= gemm_from_rows) {
+    at::Tensor y = at::matmul(x, dequantize_x16_kn(qweight, scales, mins).narrow(1, 0, out_features));
+    return bias.has_value() ? (y.to(at::kFloat) + *bias).to(at::kBFloat16) : y;
+  }
+  // Per-call work outside the weight stream is kept to plain loops: a decode step makes ~200 of these calls.
+  const at::Tensor xc = x.contiguous();
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  // sum_k x per row and group, in fp32 (the offset term of every output of that group).
+  std::vector<float> xsum(static_cast<size_t>(M * groups));
+  for (int64_t i = 0; i < M * groups; ++i) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * 32) + 0);
+    const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * 32) + 1);
+    const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+    const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v2), 16));
+    xsum[i] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+  }
+  at::Tensor y = at::empty({M, out_features}, x.options());
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const auto* qp = static_cast<const uint8_t*>(qweight.data_ptr());
+  const auto* scp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const auto* mnp = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+      const int64_t m1 = std::min(M, m0 + kBlockRows);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int lanes = static_cast<int>(std::min<int64_t>(16, out_features - b * 16));
+        for (int64_t m = m0; m < m1; m += kX16Rows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kX16Rows, m1 - m));
+          kX16Passes[rows](xp + m * K, K, xsum.data() + m * groups, groups, qp + b * (K / 2) * 16,
+                           scp + b * groups * 16, mnp + b * groups * 16, bp ? bp + b * 16 : nullptr, lanes,
+                           yp + m * out_features + b * 16, out_features);
+        }
+      }
+    }
+  });
+  return y;
+}
+#else
+at::Tensor quant_linear_x16(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                            const c10::optional<at::Tensor>&, int64_t) {
+  TORCH_CHECK(false, "quant_linear_x16: this build has no AVX512-BF16");
+}
+#endif
+
+bool quant_linear_x16_available() { return kBf16Dot; }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(busserve, m) {
   m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int group, Tensor? bias) "
         "-> Tensor");
+  m.def("quant_linear_x16(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int out_features, Tensor? bias, "
+        "int gemm_from_rows) -> Tensor");
+  m.def("quant_linear_x16_available() -> bool", &quant_linear_x16_available);
 }
 
-TORCH_LIBRARY_IMPL(busserve, CPU, m) { m.impl("quant_linear", &quant_linear); }
+TORCH_LIBRARY_IMPL(busserve, CPU, m) {
+  m.impl("quant_linear", &quant_linear);
+  m.impl("quant_linear_x16", &quant_linear_x16);
+}
+
+

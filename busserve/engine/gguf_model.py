@@ -163,11 +163,12 @@ def _install(model: nn.Module, config: Any, weights: dict[str, quantized.Quantiz
         if module_name == "model.embed_tokens":
             owner.embed_tokens = quantized.QuantEmbedding(w, dtype)  # type: ignore[union-attr]
         else:
-            setattr(owner, child, quantized.QuantLinear(w, bias=dense.pop(module_name + ".bias", None)))
+            setattr(owner, child, quantized.QuantLinear(w, bias=dense.pop(module_name + ".bias", None), dtype=dtype))
     if tied:
         embedding = model.get_submodule("model.embed_tokens")
         if isinstance(embedding, quantized.QuantEmbedding):
-            model.lm_head = quantized.QuantLinear(embedding.weight_q)  # type: ignore[assignment]
+            model.lm_head = quantized.QuantLinear(embedding.weight_q, dtype=dtype,  # type: ignore[assignment]
+                                                  shared=True)
         elif "model.embed_tokens.weight" in dense:
             dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
     missing = model.load_state_dict(dense, strict=False, assign=True)

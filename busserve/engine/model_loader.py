@@ -189,7 +189,8 @@ def quantize_linear_layers(model: torch.nn.Module, bits: int) -> int:
         parent, _, child = name.rpartition(".")
         w = quantize(module.weight.detach(), str(module.weight.dtype).removeprefix("torch."))
         bias = None if module.bias is None else module.bias.detach()
-        setattr(model.get_submodule(parent) if parent else model, child, quantized.QuantLinear(w, bias=bias))
+        layer = quantized.QuantLinear(w, bias=bias, dtype=module.weight.dtype)
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
     return len(layers)
 
 

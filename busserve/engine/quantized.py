@@ -39,6 +39,9 @@ SUPPORTED_TYPES = INT4_TYPES + INT8_TYPES
 MODES = ("auto", "none", "int8", "int4")
 # Rows of a weight dequantized at a time by the torch fallback: bounded memory whatever the layer's size.
 FALLBACK_ROWS = 1024
+# Rows from which an x16 int4 product dequantizes the layer to bf16 and runs oneDNN's GEMM instead of the register
+# kernel (prefill chunks; decode batches stay below): docs/BENCHMARKS.md, "Quantized weights".
+GEMM_FROM_ROWS = 128
 
 
 @dataclass
@@ -51,14 +54,37 @@ class QuantizedWeight:
     scales: torch.Tensor
     mins: torch.Tensor | None
     source: str  # the GGUF type (or "bf16"/"f32"… for weights quantized here), for logs and errors
+    # "rows" (the layouts above) or "x16": int4 re-laid for the bf16 kernel, 16 outputs per vector —
+    # qweight [N/16, K/2, 16] (byte j of a pair: output j's weights k | k+1 << 4), scales/mins [N/16, K/32, 16].
+    layout: str = "rows"
+    rows: int = 0  # out_features when the layout pads them (x16), else 0
 
     @property
     def out_features(self) -> int:
-        return int(self.qweight.shape[0])
+        return self.rows if self.layout == "x16" else int(self.qweight.shape[0])
 
     @property
     def in_features(self) -> int:
+        if self.layout == "x16":
+            return int(self.qweight.shape[1] * 2)
         return int(self.qweight.shape[1] * (2 if self.bits == 4 else 1))
+
+    def interleaved(self) -> QuantizedWeight:
+        """This int4 weight in the x16 layout (the output rows padded to a multiple of 16 with zero weights)."""
+        assert self.bits == 4 and self.layout == "rows" and self.mins is not None
+        n, k = self.out_features, self.in_features
+        blocks = -(-n // 16)
+        pad = blocks * 16 - n
+        groups = self.qweight.reshape(n, -1, 16)
+        values = torch.cat([groups & 0xF, groups >> 4], dim=-1).reshape(n, k)  # weight order
+        values = torch.nn.functional.pad(values, (0, 0, 0, pad))
+        pairs = values.reshape(blocks, 16, k // 2, 2)
+        packed = (pairs[..., 0] | (pairs[..., 1] << 4)).permute(0, 2, 1).contiguous()  # [blocks, K/2, 16]
+
+        def per_block(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, 0, 0, pad)).reshape(blocks, 16, -1).permute(0, 2, 1).contiguous()
+
+        return QuantizedWeight(4, 32, packed, per_block(self.scales), per_block(self.mins), self.source, "x16", n)
 
     @property
     def nbytes(self) -> int:
@@ -66,12 +92,24 @@ class QuantizedWeight:
 
     def take_rows(self, index: torch.Tensor | np.ndarray) -> QuantizedWeight:
         """The rows ``index`` (a permutation, or a lookup), still quantized."""
+        assert self.layout == "rows", "rows are taken before the weight is interleaved"
         idx = torch.as_tensor(index, dtype=torch.long)
         return QuantizedWeight(self.bits, self.group, self.qweight[idx].contiguous(), self.scales[idx].contiguous(),
                                None if self.mins is None else self.mins[idx].contiguous(), self.source)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
         """W (or its ``rows``) as a dense tensor, computed in fp32 and then cast."""
+        if self.layout == "x16":
+            assert self.mins is not None
+            blocks, half_k, _ = self.qweight.shape
+            values = torch.stack([self.qweight & 0xF, self.qweight >> 4], dim=-1)  # [blocks, K/2, 16, 2]
+            values = values.permute(0, 2, 1, 3).reshape(blocks * 16, -1, 32).float()
+
+            def per_row(t: torch.Tensor) -> torch.Tensor:
+                return t.permute(0, 2, 1).reshape(blocks * 16, -1, 1).float()
+
+            w = values * per_row(self.scales) + per_row(self.mins)
+            return w.reshape(blocks * 16, half_k * 2)[: self.rows][rows].to(dtype)
         q, scales = self.qweight[rows], self.scales[rows].float()
         if self.bits == 4:
             assert self.mins is not None
@@ -229,38 +267,63 @@ def kernel_unavailable_reason() -> str | None:
 def reference_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """The product in torch, dequantizing FALLBACK_ROWS output rows at a time (fp32 accumulation)."""
     flat = x.reshape(-1, x.shape[-1]).float()
-    parts = [flat @ weight.dequantize(torch.float32, slice(r, r + FALLBACK_ROWS)).T
-             for r in range(0, weight.out_features, FALLBACK_ROWS)]
+    if weight.layout == "x16":  # only ever a test's or an odd caller's path: the engine feeds it bf16
+        parts = [flat @ weight.dequantize(torch.float32).T]
+    else:
+        parts = [flat @ weight.dequantize(torch.float32, slice(r, r + FALLBACK_ROWS)).T
+                 for r in range(0, weight.out_features, FALLBACK_ROWS)]
     y = torch.cat(parts, dim=-1)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
 
 
-class QuantLinear(nn.Module):
-    """``nn.Linear`` over a :class:`QuantizedWeight`; activations and output in the model's dtype."""
+@functools.cache
+def x16_available() -> bool:
+    """Whether the bf16 int4 kernel over the x16 layout runs here (AVX512-BF16 in the kernels' build)."""
+    return kernel_unavailable_reason() is None and bool(torch.ops.busserve.quant_linear_x16_available())
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None, use_kernel: bool = True) -> None:
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` over a :class:`QuantizedWeight`; activations and output in the model's dtype.
+
+    ``dtype``: the activations it will see. In bf16 on a CPU with AVX512-BF16, an int4 weight is re-laid into the
+    x16 layout (one copy: the row layout is dropped) unless ``shared`` (an embedding looks rows up in it)."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None, use_kernel: bool = True,
+                 dtype: torch.dtype | None = None, shared: bool = False) -> None:
         super().__init__()
+        self.use_kernel = use_kernel and kernel_unavailable_reason() is None
+        if (self.use_kernel and dtype == torch.bfloat16 and weight.bits == 4 and weight.layout == "rows"
+                and not shared and x16_available()):
+            weight = weight.interleaved()
         self.weight_q = weight
         self.in_features = weight.in_features
         self.out_features = weight.out_features
         self.bias_value = bias
-        self.use_kernel = use_kernel and kernel_unavailable_reason() is None
+        # The x16 kernel adds the bias in fp32 before its one rounding.
+        self.bias_f32 = None if bias is None else bias.float().contiguous()
+        # 0: the register kernel for every row count, which keeps a row's output independent of the batch.
+        self.gemm_from_rows = GEMM_FROM_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.use_kernel or x.device.type != "cpu":
-            return reference_linear(x, self.weight_q, self.bias_value)
         w = self.weight_q
+        if not self.use_kernel or x.device.type != "cpu" or (w.layout == "x16" and x.dtype != torch.bfloat16):
+            return reference_linear(x, w, self.bias_value)
         flat = x.reshape(-1, self.in_features)
-        y: torch.Tensor = torch.ops.busserve.quant_linear(flat, w.qweight, w.scales, w.mins, w.bits, w.group,
-                                                          self.bias_value)
+        y: torch.Tensor
+        if w.layout == "x16":
+            y = torch.ops.busserve.quant_linear_x16(flat, w.qweight, w.scales, w.mins, w.rows, self.bias_f32,
+                                                    self.gemm_from_rows)
+        else:
+            y = torch.ops.busserve.quant_linear(flat, w.qweight, w.scales, w.mins, w.bits, w.group, self.bias_value)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         w = self.weight_q
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{w.bits} groups of "
-                f"{w.group} (from {w.source}), {'AVX-512 kernel' if self.use_kernel else 'torch fallback'}")
+                f"{w.group} (from {w.source}, {w.layout} layout), "
+                f"{'AVX-512 kernel' if self.use_kernel else 'torch fallback'}")
 
 
 class QuantEmbedding(nn.Module):

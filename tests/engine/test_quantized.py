@@ -69,6 +69,29 @@ def test_kernel_is_batch_invariant_and_takes_strided_rows(bits: int, threads: in
         torch.set_num_threads(before)
 
 
+needs_x16 = pytest.mark.skipif(KERNEL is not None or not quantized.x16_available(),
+                               reason="the x16 int4 kernel needs AVX512-BF16")
+
+
+@needs_x16
+@pytest.mark.parametrize("rows,n,k", [(1, 16, 32), (2, 100, 576), (9, 576, 1536), (16, 33, 96), (70, 192, 576)])
+@pytest.mark.parametrize("gemm_from_rows", [0, 9])
+def test_x16_int4_kernel_and_its_gemm_path_match_torch(rows: int, n: int, k: int, gemm_from_rows: int) -> None:
+    w = _weight(4, n, k)
+    layer = quantized.QuantLinear(w, bias=torch.randn(n), dtype=torch.bfloat16)
+    assert layer.weight_q.layout == "x16" and layer.out_features == n
+    assert torch.equal(layer.weight_q.dequantize(), w.dequantize())  # the re-laid weight is the same weight
+    layer.gemm_from_rows = gemm_from_rows
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    got = layer(x)
+    want = x.float() @ w.dequantize().T + layer.bias_value
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    assert (got.float() - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+    if gemm_from_rows == 0:  # the register kernel alone is batch-invariant
+        for lo, hi in [(0, 1), (rows - 1, rows)]:
+            assert torch.equal(layer(x[lo:hi]), got[lo:hi])
+
+
 def test_torch_fallback_matches_the_kernel_definition() -> None:
     w = _weight(4, 50, 64)
     x = torch.randn(4, 64)
