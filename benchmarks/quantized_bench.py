@@ -10,7 +10,8 @@
    decode rate and 16 concurrent streams' output rate, ``--quantization auto`` against ``none``, and against
    llama.cpp's server on the same GGUF with the same threads (``--llama-server PATH``, built from the
    llama-cpp-python sdist's vendored sources: ``cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build
-   build --target llama-server``), 16 slots, prompt cache off, the same token ids.
+   build --target llama-server``), 16 slots, prompt cache off, the same token ids; and the price of
+   ``--deterministic`` on both.
 """
 
 from __future__ import annotations
@@ -178,15 +179,18 @@ def engine_bench(threads: int, llama_server: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if llama_server:
         out["llama.cpp"] = llama_cpp_bench(llama_server, threads)
-    for mode in ("auto", "none", "auto"):  # auto twice: the first and last runs show the drift of the machine
+    # auto twice: the first and last runs show the drift of the machine.
+    for mode, extra in (("auto", ()), ("none", ()), ("none", ("--deterministic",)), ("auto", ("--deterministic",)),
+                        ("auto", ())):
+        label = " ".join([f"--quantization {mode}", *extra])
         with ProcessCluster() as cluster:
-            eid = f"q-{mode}"
-            cluster.start_engine(eid, "--quantization", mode, "--dtype", "bfloat16", threads=threads)
+            eid = f"q-{mode}{'-det' if extra else ''}"
+            cluster.start_engine(eid, "--quantization", mode, "--dtype", "bfloat16", *extra, threads=threads)
             cluster.wait_engines({eid})
             r = asyncio.run(_engine_runs(cluster, eid, prompts))
-        print(f"  --quantization {mode}: single stream {r['single_stream_tok_s']:.1f} tok/s, "
+        print(f"  {label}: single stream {r['single_stream_tok_s']:.1f} tok/s, "
               f"16 streams {r['c16_output_tok_s']:.1f} tok/s", flush=True)
-        out.setdefault(mode, []).append(r)
+        out.setdefault(label, []).append(r)
     if llama_server:
         out["llama.cpp, again"] = llama_cpp_bench(llama_server, threads)
     return out

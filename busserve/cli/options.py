@@ -98,3 +98,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "are (Q4_0/Q4_1/Q4_K as int4, Q8_0/Q6_K as int8, dequantized in registers by busserve's "
                         "AVX-512 kernel), other models dense; none = dense in --dtype (a GGUF dequantized once into "
                         "the cache); int4/int8 = every linear layer in that layout")
+    g.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant kernels and attention: a request's greedy tokens are the same bits whatever "
+                        "shares its batches, however its prompt is chunked, wherever its prefix was computed (needs "
+                        "busserve's CPU kernels, and bf16 or quantized weights; cost in docs/BENCHMARKS.md)")

@@ -19,7 +19,8 @@
 // so one weight row is read from memory once per block and from L1 for the other passes. Each output y[m, n] is
 // one accumulator summed over K in a fixed order whatever the number of rows: the product is batch-invariant (the
 // deterministic mode relies on it).
-// Built by busserve/cpu_kernels/__init__.py; registered as torch.ops.busserve.quant_linear.
+// Built by busserve/cpu_kernels/__init__.py; registered as torch.ops.busserve.{quant_linear, quant_linear_x16,
+// quant_linear_x16_available, dense_linear_x16}.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -229,7 +230,9 @@ template <int R>
 inline void int4_x16_pass(const uint16_t* x, int64_t ldx, const float* xsum, int64_t groups, const uint8_t* q,
                           const uint16_t* scale, const uint16_t* mins, const float* bias, int lanes, uint16_t* out,
                           int64_t ldo) {
-  constexpr int kChains = R <= 4 ? 2 : 1;  // two dot chains per row hide vdpbf16ps's latency when rows are few
+  // Two dot chains per row hide vdpbf16ps's latency when rows are few; the count is fixed, never chosen by R,
+  // so that a row's summation order is the same in a pass of any size.
+  constexpr int kChains = 2;
   const __m512i value_bits = _mm512_set1_epi32(0x000F000F);
   const __m512i magic = _mm512_set1_epi32(0x43004300);
   __m512 acc[R];
@@ -259,7 +262,7 @@ inline void int4_x16_pass(const uint16_t* x, int64_t ldx, const float* xsum, int
     }
     for (int i = 0; i < R; ++i) {
       __m512 d = dot[i][0];
-      if constexpr (kChains == 2) d = _mm512_add_ps(d, dot[i][1]);
+      d = _mm512_add_ps(d, dot[i][1]);
       acc[i] = _mm512_fmadd_ps(d, s, acc[i]);
       acc[i] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xsum[i * groups + g]), acc[i]);
     }
@@ -275,7 +278,7 @@ inline void int4_x16_pass(const uint16_t* x, int64_t ldx, const float* xsum, int
 
 using X16PassFn = void (*)(const uint16_t*, int64_t, const float*, int64_t, const uint8_t*, const uint16_t*,
                            const uint16_t*, const float*, int, uint16_t*, int64_t);
-constexpr int kX16Rows = 8;
+constexpr int kX16Rows = 6;  // 8 weight vectors, 2 x 6 dot chains, 6 accumulators and the group's scales: 32 zmm
 template <int... R>
 constexpr std::array<X16PassFn, sizeof...(R) + 1> make_x16_passes(std::integer_sequence<int, R...>) {
   return {nullptr, int4_x16_pass<R + 1>...};
@@ -371,10 +374,86 @@ at::Tensor quant_linear_x16(const at::Tensor& x, const at::Tensor& qweight, cons
   });
   return y;
 }
+
+// ---- dense bf16, 16 outputs per vector (the deterministic mode's dense layers) --------------------------------------
+//
+// The weights as bf16 pairs, [N/16, K/2, 16] 32-bit lanes (lane j of a pair: output j's weights k, k+1) — the x16
+// arrangement without quantization — so a row's output is one fixed chain of vdpbf16ps over K whatever the number
+// of rows: oneDNN picks its kernels (and so its summation order) by the shape, which makes the same row come out
+// differently in a different batch.
+template <int R>
+inline void dense_x16_pass(const uint16_t* x, int64_t ldx, int64_t pairs, const uint32_t* w, const float* bias,
+                           int lanes, uint16_t* out, int64_t ldo) {
+  constexpr int kChains = 2;  // fixed, as in int4_x16_pass
+  __m512 dot[R][kChains];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < kChains; ++c) dot[i][c] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512i wp = _mm512_loadu_si512(w + p * 16);
+    for (int i = 0; i < R; ++i) {
+      const __m512i xx = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + i * ldx + 2 * p));
+      dot[i][p % kChains] = _mm512_dpbf16_ps(dot[i][p % kChains], (__m512bh)wp, (__m512bh)xx);
+    }
+  }
+  const __mmask16 keep = lanes == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << lanes) - 1);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
+  for (int i = 0; i < R; ++i) {
+    const __m512 d = _mm512_add_ps(dot[i][0], dot[i][1]);
+    _mm256_mask_storeu_epi16(out + i * ldo, keep, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(d, b)));
+  }
+}
+
+using DensePassFn = void (*)(const uint16_t*, int64_t, int64_t, const uint32_t*, const float*, int, uint16_t*,
+                             int64_t);
+template <int... R>
+constexpr std::array<DensePassFn, sizeof...(R) + 1> make_dense_passes(std::integer_sequence<int, R...>) {
+  return {nullptr, dense_x16_pass<R + 1>...};
+}
+constexpr int kDenseRows = 8;
+constexpr auto kDensePasses = make_dense_passes(std::make_integer_sequence<int, kDenseRows>{});
+
+at::Tensor dense_linear_x16(const at::Tensor& x, const at::Tensor& weight, int64_t out_features,
+                            const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "dense_linear_x16: x must be 2-D bf16");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 16 && weight.size(3) == 2 &&
+                  weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
+              "dense_linear_x16: weight must be bf16 [N/16, K/2, 16, 2]");
+  const int64_t M = x.size(0), K = x.size(1), blocks = weight.size(0), pairs = K / 2;
+  TORCH_CHECK(K % 2 == 0 && weight.size(1) == pairs, "dense_linear_x16: x has ", K, " features, the weight ",
+              weight.size(1) * 2);
+  TORCH_CHECK(out_features <= blocks * 16 && out_features > (blocks - 1) * 16, "dense_linear_x16: ", out_features,
+              " outputs do not fill ", blocks, " blocks of 16");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                                    bias->numel() == out_features),
+              "dense_linear_x16: bias must be ", out_features, " contiguous fp32 values");
+  const at::Tensor xc = x.contiguous();
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  at::Tensor y = at::empty({M, out_features}, x.options());
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint32_t*>(weight.data_ptr<at::BFloat16>());
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+      const int64_t m1 = std::min(M, m0 + kBlockRows);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int lanes = static_cast<int>(std::min<int64_t>(16, out_features - b * 16));
+        for (int64_t m = m0; m < m1; m += kDenseRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kDenseRows, m1 - m));
+          kDensePasses[rows](xp + m * K, K, pairs, wp + b * pairs * 16, bp ? bp + b * 16 : nullptr, lanes,
+                             yp + m * out_features + b * 16, out_features);
+        }
+      }
+    }
+  });
+  return y;
+}
 #else
 at::Tensor quant_linear_x16(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                             const c10::optional<at::Tensor>&, int64_t) {
   TORCH_CHECK(false, "quant_linear_x16: this build has no AVX512-BF16");
+}
+at::Tensor dense_linear_x16(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "dense_linear_x16: this build has no AVX512-BF16");
 }
 #endif
 
@@ -388,11 +467,13 @@ TORCH_LIBRARY_FRAGMENT(busserve, m) {
   m.def("quant_linear_x16(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int out_features, Tensor? bias, "
         "int gemm_from_rows) -> Tensor");
   m.def("quant_linear_x16_available() -> bool", &quant_linear_x16_available);
+  m.def("dense_linear_x16(Tensor x, Tensor weight, int out_features, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(busserve, CPU, m) {
   m.impl("quant_linear", &quant_linear);
   m.impl("quant_linear_x16", &quant_linear_x16);
+  m.impl("dense_linear_x16", &dense_linear_x16);
 }
 
 

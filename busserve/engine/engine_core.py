@@ -84,6 +84,8 @@ class EngineConfig:
     shm_kv: bool = True  # keep the pool in /dev/shm (needed to receive over shm)
     attention: str = "auto"  # decode-attention backend: auto, torch, triton, flashinfer (engine/attention_backends.py)
     heartbeat_s: float = 1.0
+    # Batch-invariant kernels and attention (engine/deterministic.py): the same greedy tokens whatever the batch.
+    deterministic: bool = False
 
 
 @dataclass
@@ -134,6 +136,14 @@ class EngineCore:
         self.runner = ModelRunner(loaded, self.kv, select_backend(
             config.attention, device, num_heads=int(loaded.model.config.num_attention_heads),
             num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=dtype))
+        if config.deterministic:
+            from busserve.engine.deterministic import make_batch_invariant
+
+            if self.runner.decode_backend.name != "cpu":
+                raise ValueError(f"--deterministic needs the cpu attention backend (busserve's paged decode kernel, "
+                                 f"every row in one fixed order); this engine has {self.runner.decode_backend.name}")
+            make_batch_invariant(loaded.model)  # in place: the model now serves this mode only
+            self.runner.deterministic = True
         self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self.transfer_executor = ThreadPoolExecutor(1, thread_name_prefix=f"kv-transfer-{config.engine_id}")
         self.transports: dict[str, KVTransport] = {}

@@ -61,6 +61,7 @@ class EngineOptions:
     attention: str = "auto"
     linear: str = "auto"
     quantization: str = "none"
+    deterministic: bool = False
     drain_grace_s: float = 60.0
 
 
@@ -70,7 +71,8 @@ def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> Engine
     if loaded is None:
         loaded = load_model(opts.model, dtype=resolve_dtype(opts.dtype, opts.device), device=opts.device,
                             max_model_len=opts.max_model_len, quantization=opts.quantization)
-    maybe_pack(loaded.model, opts.linear)  # in place, also for a model passed in: products are bit-identical
+    if not opts.deterministic:  # the deterministic mode puts the layers on its own kernels instead
+        maybe_pack(loaded.model, opts.linear)  # in place, also for a model passed in: products are bit-identical
     per_page = kv_layout_for(loaded, 1, opts.page_size, next(loaded.model.parameters()).dtype).nbytes
     num_pages = opts.kv_pages or max(16, parse_bytes(opts.kv_memory) // per_page)
     # CPU prefill is compute-bound: chunks of ~512 tokens keep decode steps short without losing throughput. With
@@ -88,6 +90,7 @@ def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> Engine
         max_running=opts.max_running, max_model_len=opts.max_model_len, max_queued=opts.max_queued,
         transports=list(opts.transports),
         shm_kv="shm" in opts.transports and opts.device == "cpu", attention=opts.attention,
+        deterministic=opts.deterministic,
     )
     return EngineCore(config, loaded, emit=lambda outs: None)
 
@@ -153,7 +156,7 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()), metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         attention=args.attention, linear=args.linear, quantization=args.quantization,
-        drain_grace_s=args.drain_grace_s,
+        deterministic=args.deterministic, drain_grace_s=args.drain_grace_s,
     )
 
 

@@ -33,6 +33,8 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, kv: KVStorage, decode_backend: DecodeBackend | None = None) -> None:
         self.model = loaded.model
         self.decode_backend = decode_backend or TorchDecode()
+        # Every token of a step as one decode-kernel row over its own context (engine/deterministic.py).
+        self.deterministic = False
         self.kv = kv
         self.page_size = kv.layout.page_size
         self.device = next(self.model.parameters()).device
@@ -58,7 +60,11 @@ class ModelRunner:
             pages = torch.tensor(seq.pages, dtype=torch.long)
             positions.append(pos)
             slot_parts.append(self._slots(pages, pos))
-            if n == 1 and c0 > 0:
+            if self.deterministic:
+                dec_index.extend(range(q, q + n))
+                dec_ctx.extend(range(c0 + 1, c0 + n + 1))
+                dec_pages.extend([pages] * n)
+            elif n == 1 and c0 > 0:
                 dec_index.append(q)
                 dec_ctx.append(c0 + 1)
                 dec_pages.append(pages)

@@ -87,6 +87,8 @@ def engine_command(args: argparse.Namespace, engine_id: str, threads: int, roles
             cmd += [flag, str(value)]
     for t in args.transport or []:
         cmd += ["--transport", t]
+    if args.deterministic:
+        cmd.append("--deterministic")
     return cmd
 
 
