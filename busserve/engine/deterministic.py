@@ -60,7 +60,8 @@ def unavailable_reason(model: nn.Module) -> str | None:
             if m.weight.device.type != "cpu":
                 return f"the deterministic mode runs on the CPU ({name} is on {m.weight.device.type})"
             if m.weight.dtype != torch.bfloat16 or not quantized.x16_available() or m.in_features % 2:
-                return (f"{name}: dense {m.weight.dtype} layers are batch-invariant here only in bfloat16 on CPUs "
+                return (f"--deterministic: {name} is dense {m.weight.dtype}; dense layers are batch-invariant here "
+                        "only in bfloat16 on CPUs "
                         "with AVX512-BF16 (use --dtype bfloat16, or quantized weights: --quantization auto/int8/int4)")
     return None
 

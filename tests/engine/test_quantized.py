@@ -286,8 +286,11 @@ def test_default_model_is_served_at_its_quantized_size(smol_q4: LoadedModel) -> 
 @pytest.mark.slow
 def test_default_model_in_q4_1_answers_paris(smol_q4: LoadedModel) -> None:
     tok = smol_q4.tokenizer
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True, tokenize=False)
+    # "What is the capital of France?" alone is a tie in bf16 between "The" and "L" for the first token (both
+    # logits 25.125, in the dense model too within 0.25), so bf16 rounding picks the answer; this asks with margin.
+    question = "What is the capital of France? Answer in one word."
+    prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                     tokenize=False)
     with running_core(smol_q4) as core:
         rid = core.submit(tok(prompt)["input_ids"], greedy(12))
         assert "Paris" in tok.decode(core.tokens(rid))
