@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -182,7 +183,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   if (bias.has_value()) TORCH_CHECK(bias->numel() == N, "quant_linear: bias must have ", N, " values");
 
   // bf16 activations stay bf16 where the CPU has vdpbf16ps; everything else is multiplied in fp32.
-  const bool bf16 = kBf16Dot && x.scalar_type() == at::kBFloat16;
+  // (The bf16 int8 loop takes 32 weights a step: a K of odd 16-chunks goes the fp32 way.)
+  const bool bf16 = kBf16Dot && x.scalar_type() == at::kBFloat16 && (bits == 4 || K % 32 == 0);
   const at::Tensor xf = bf16 ? x.contiguous() : x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
@@ -255,7 +257,9 @@ inline void int4_x16_pass(const uint16_t* x, int64_t ldx, const float* xsum, int
       for (int i = 0; i < R; ++i) {
         const uint16_t* xp = x + i * ldx + g * 32 + half * 16;
         for (int p = 0; p < 8; ++p) {
-          const __m512i xx = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xp + 2 * p));
+          int32_t pair;
+          std::memcpy(&pair, xp + 2 * p, sizeof pair);  // x[k], x[k+1] as one 32-bit lane (no aliasing cast)
+          const __m512i xx = _mm512_set1_epi32(pair);
           dot[i][p % kChains] = _mm512_dpbf16_ps(dot[i][p % kChains], (__m512bh)w[p], (__m512bh)xx);
         }
       }
@@ -323,8 +327,9 @@ at::Tensor quant_linear_x16(const at::Tensor& x, const at::Tensor& qweight, cons
                             const at::Tensor& mins, int64_t out_features, const c10::optional<at::Tensor>& bias,
                             int64_t gemm_from_rows) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "quant_linear_x16: x must be 2-D bf16");
-  TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == 16 && qweight.is_contiguous(),
-              "quant_linear_x16: qweight must be [N/16, K/2, 16] bytes");
+  TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == 16 && qweight.is_contiguous() &&
+                  qweight.scalar_type() == at::kByte,
+              "quant_linear_x16: qweight must be [N/16, K/2, 16] uint8");
   const int64_t M = x.size(0), K = x.size(1), blocks = qweight.size(0), groups = K / 32;
   TORCH_CHECK(K % 32 == 0 && qweight.size(1) * 2 == K, "quant_linear_x16: x has ", K, " features, the weight ",
               qweight.size(1) * 2);
@@ -391,7 +396,9 @@ inline void dense_x16_pass(const uint16_t* x, int64_t ldx, int64_t pairs, const 
   for (int64_t p = 0; p < pairs; ++p) {
     const __m512i wp = _mm512_loadu_si512(w + p * 16);
     for (int i = 0; i < R; ++i) {
-      const __m512i xx = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + i * ldx + 2 * p));
+      int32_t pair;
+      std::memcpy(&pair, x + i * ldx + 2 * p, sizeof pair);
+      const __m512i xx = _mm512_set1_epi32(pair);
       dot[i][p % kChains] = _mm512_dpbf16_ps(dot[i][p % kChains], (__m512bh)wp, (__m512bh)xx);
     }
   }

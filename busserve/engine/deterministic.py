@@ -55,7 +55,12 @@ def unavailable_reason(model: nn.Module) -> str | None:
     """None when every linear layer of ``model`` can be made batch-invariant here, else why not."""
     if quantized.kernel_unavailable_reason() is not None:
         return f"the deterministic mode needs busserve's CPU kernels ({quantized.kernel_unavailable_reason()})"
+    from busserve.engine.packed_linear import PackedLinear
+
     for name, m in model.named_modules():
+        if isinstance(m, PackedLinear):  # oneDNN's kernels, chosen by shape: a model packed for the default mode
+            return (f"--deterministic: {name} was packed for oneDNN (--linear); the deterministic mode needs the "
+                    "model as loaded")
         if type(m) is nn.Linear:
             if m.weight.device.type != "cpu":
                 return f"the deterministic mode runs on the CPU ({name} is on {m.weight.device.type})"

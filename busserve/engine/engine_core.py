@@ -123,6 +123,17 @@ class EngineCore:
             log.info("context limited to %d tokens by the KV pool (the model allows %d)", self.max_model_len,
                      loaded.max_model_len)
         device = next(loaded.model.parameters()).device
+        # The attention backend and, in the deterministic mode, the model's layers are settled before the pool (a
+        # /dev/shm segment) exists, so a refusal leaves nothing behind.
+        backend = select_backend(config.attention, device, num_heads=int(loaded.model.config.num_attention_heads),
+                                 num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=dtype)
+        if config.deterministic:
+            from busserve.engine.deterministic import make_batch_invariant
+
+            if backend.name != "cpu":
+                raise ValueError(f"--deterministic needs the cpu attention backend (busserve's paged decode kernel, "
+                                 f"every row in one fixed order); this engine has {backend.name}")
+            make_batch_invariant(loaded.model)  # in place: the model now serves this mode only
         shm_name = shm_segment_name(config.engine_id, os.getpid(), next(_pools)) if config.shm_kv else None
         self.kv = KVStorage(layout, device=device, shm_name=shm_name)
         self.allocator = PageAllocator(config.num_pages)
@@ -133,17 +144,8 @@ class EngineCore:
                             max_model_len=self.max_model_len),
             self.allocator, self.cache,
         )
-        self.runner = ModelRunner(loaded, self.kv, select_backend(
-            config.attention, device, num_heads=int(loaded.model.config.num_attention_heads),
-            num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=dtype))
-        if config.deterministic:
-            from busserve.engine.deterministic import make_batch_invariant
-
-            if self.runner.decode_backend.name != "cpu":
-                raise ValueError(f"--deterministic needs the cpu attention backend (busserve's paged decode kernel, "
-                                 f"every row in one fixed order); this engine has {self.runner.decode_backend.name}")
-            make_batch_invariant(loaded.model)  # in place: the model now serves this mode only
-            self.runner.deterministic = True
+        self.runner = ModelRunner(loaded, self.kv, backend)
+        self.runner.deterministic = config.deterministic
         self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self.transfer_executor = ThreadPoolExecutor(1, thread_name_prefix=f"kv-transfer-{config.engine_id}")
         self.transports: dict[str, KVTransport] = {}

@@ -39,6 +39,8 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# Tensors transformers itself does not load either: Llama 3's rope_freqs is rebuilt from the config's rope scaling.
+_SKIPPED = {"rope_freqs.weight"}
 SUPPORTED_ARCHITECTURES = ("llama",)
 
 
@@ -118,9 +120,12 @@ def load_quantized(gguf: Path, *, dtype: torch.dtype, mode: str, attn_implementa
     weights: dict[str, quantized.QuantizedWeight] = {}
     dense: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
+        if tensor.name in _SKIPPED:
+            continue
         name = hf_name(tensor.name)
         type_name = tensor.tensor_type.name
-        rows = int(np.prod(tensor.shape[1:])) if len(tensor.shape) > 1 else 1
+        # GGUF shapes run innermost first: [K, N] for a matrix, [N] for a vector (a q/k bias is permuted too).
+        rows = int(np.prod(tensor.shape[1:])) if len(tensor.shape) > 1 else int(tensor.shape[0])
         is_matrix = len(tensor.shape) == 2 and name.endswith(".weight") and "norm" not in name
         order = None
         if ".q_proj." in name:

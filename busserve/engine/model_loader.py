@@ -157,8 +157,9 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32, d
         quantization = "none"
     gguf = gguf_of(spec)
     if gguf is not None and quantization != "none":
-        from busserve.engine.gguf_model import load_quantized
+        from busserve.engine.gguf_model import load_quantized, meta_dir
 
+        refuse_unsupported_features(meta_dir(gguf[0]))
         model, folder = load_quantized(gguf[0], dtype=dtype, mode=quantization,
                                        attn_implementation=ATTN_IMPLEMENTATION)
         name = gguf[1]

@@ -12,7 +12,8 @@ The layouts (kept in step with quant_linear.cpp):
 * **int4**, groups of 32 along K: ``qweight`` uint8 [N, K/2], byte t of a group holding weight t (low nibble) and
   weight t+16 (high nibble); ``scales`` and ``mins`` fp16 [N, K/32]; w = scale·q + min, q in 0..15. GGUF Q4_0
   (min = −8·d) and Q4_1 convert exactly; Q4_K's per-sub-block scale d·sc and min −dmin·m are rounded to fp16
-  (relative error ≤ 2⁻¹¹, far below the 4-bit step).
+  (relative error ≤ 2⁻¹¹ while d·sc is a normal fp16 number, ≥ 6.1e-5; more for subnormal ones — far below the
+  4-bit step either way).
 * **int8**, groups of G (32 or 16) along K: ``qweight`` int8 [N, K], ``scales`` fp16 [N, K/G]; w = scale·q. GGUF
   Q8_0 (G = 32) converts exactly; Q6_K (G = 16, q − 32 in −32..31) with its d·sc rounded to fp16.
 

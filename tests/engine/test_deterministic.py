@@ -6,6 +6,7 @@ prompts different tokens in bf16 and 1 of 5 with the GGUF's quantized weights.)"
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from busserve.engine import quantized
 from busserve.engine.deterministic import DenseX16Linear, unavailable_reason
 from busserve.engine.model_loader import LoadedModel, load_model
+from busserve.engine.packed_linear import dtype_unpackable_reason, maybe_pack
 from tests.helpers import greedy, running_core
 
 AVAILABLE = quantized.kernel_unavailable_reason() is None and quantized.x16_available()
@@ -35,19 +37,18 @@ def test_dense_x16_kernel_matches_torch_and_is_batch_invariant(rows: int, n: int
 
 
 @needs_bf16_kernels
-def test_dense_fp32_is_refused_by_name(tiny: LoadedModel) -> None:
+def test_dense_fp32_and_packed_layers_are_refused_by_name(tiny: LoadedModel, tiny_dir: Path) -> None:
     reason = unavailable_reason(tiny.model)
     assert reason is not None and "float32" in reason and "--dtype bfloat16" in reason
+    packed = load_model(str(tiny_dir), dtype=torch.bfloat16)
+    maybe_pack(packed.model, "onednn")
+    reason = unavailable_reason(packed.model)
+    if dtype_unpackable_reason(torch.bfloat16) is None:  # packing happened: oneDNN picks kernels by shape
+        assert reason is not None and "packed" in reason
 
 
 PROMPTS = ["The capital of France is", "Write a short poem about the sea. The sea is wide and",
            "def fibonacci(n):\n    if n < 2:\n        return n\n    ", "In 1969, the first humans landed on"]
-
-
-@pytest.fixture(scope="module")
-def smol_bf16() -> LoadedModel:
-    torch.set_num_threads(2)
-    return load_model(None, dtype=torch.bfloat16)
 
 
 def _mixed(loaded: LoadedModel, prompts: list[list[int]], n: int, **config: object) -> tuple[list[list[int]],

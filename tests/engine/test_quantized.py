@@ -24,11 +24,12 @@ def _weight(bits: int, n: int, k: int, group: int = 32, seed: int = 0) -> quanti
     w = torch.randn(n, k, generator=g) * 0.05
     if bits == 4:
         return quantized.quantize_int4(w, "test")
-    q = quantized.quantize_int8(w, "test")
-    if group == 16:  # Q6_K's layout: a scale per 16 weights
-        q.scales = q.scales.repeat_interleave(2, dim=1).contiguous()
-        q.group = 16
-    return q
+    if group == 16:  # Q6_K's layout: a scale per 16 weights (K need only be a multiple of 16)
+        g16 = w.reshape(n, -1, 16)
+        scale = (g16.abs().amax(-1) / 127).to(torch.float16)
+        q = (g16 / scale.float().unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8).reshape(n, k)
+        return quantized.QuantizedWeight(8, 16, q.contiguous(), scale.contiguous(), None, "test")
+    return quantized.quantize_int8(w, "test")
 
 
 @needs_kernel
@@ -48,6 +49,17 @@ def test_kernel_matches_torch(bits: int, group: int, dtype: torch.dtype, rows: i
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert (got.float() - want).abs().max().item() <= tol * want.abs().max().item()
     assert torch.equal(layer(x), got)  # same bits on a repeat
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_groups_of_16_with_an_odd_number_of_chunks(dtype: torch.dtype) -> None:
+    """K = 48: three 16-weight chunks, which the bf16 loop (32 weights a step) must not cut short."""
+    w = _weight(8, 20, 48, group=16)
+    x = torch.randn(2, 48).to(dtype)
+    got = quantized.QuantLinear(w)(x)
+    want = x.float() @ w.dequantize().T
+    assert (got.float() - want).abs().max().item() <= 2e-2 * want.abs().max().item()
 
 
 @needs_kernel
