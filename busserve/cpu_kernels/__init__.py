@@ -135,6 +135,19 @@ def load() -> Path:
         return path
 
 
+def load_failure() -> str | None:
+    """None once the kernels are built and loaded here, else why they cannot be (``unavailable_reason`` or the
+    build's error) — for callers that fall back to another path instead of raising."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    try:
+        load()
+    except KernelBuildError as exc:
+        return str(exc)
+    return None
+
+
 def _build(path: Path) -> None:
     cxx = compiler()
     assert cxx is not None  # checked by unavailable_reason

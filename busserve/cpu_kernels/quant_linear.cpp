@@ -41,19 +41,24 @@ constexpr int64_t kBlockRows = 32;
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
+// 32 int4 weights in fp32 from their 16 bytes (byte t: weight t low, weight t+16 high): lo = weights 0..15,
+// hi = 16..31, each s * q + m (per lane, so also 16 outputs' weights of one input in the x16 layout).
+inline void dequant_int4(const uint8_t* bytes, __m512 s, __m512 m, __m512& lo, __m512& hi) {
+  const __m512i packed = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(packed, _mm512_set1_epi32(0xF))), s, m);
+  hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(packed, 4)), s, m);
+}
+
 // One weight row against `rows` rows of x (rows <= R): out[i] = sum_k x[i, k] * w[k].
 template <int R>
 inline void int4_row(const float* x, int64_t ldx, const uint8_t* q, const uint16_t* scale, const uint16_t* mins,
                      int64_t groups, float* out) {
-  const __m512i low_mask = _mm512_set1_epi32(0xF);
   __m512 acc[R];
   for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m512i packed = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16)));
-    const __m512 s = _mm512_set1_ps(half_to_float(scale[g]));
-    const __m512 m = _mm512_set1_ps(half_to_float(mins[g]));
-    const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(packed, low_mask)), s, m);
-    const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(packed, 4)), s, m);
+    __m512 lo, hi;
+    dequant_int4(q + g * 16, _mm512_set1_ps(half_to_float(scale[g])), _mm512_set1_ps(half_to_float(mins[g])), lo,
+                 hi);
     const float* xg = x + g * 32;
     for (int i = 0; i < R; ++i) {
       acc[i] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xg + i * ldx), acc[i]);
@@ -85,15 +90,12 @@ constexpr bool kBf16Dot = true;
 template <int R>
 inline void int4_row_bf16(const uint16_t* x, int64_t ldx, const uint8_t* q, const uint16_t* scale,
                           const uint16_t* mins, int64_t groups, float* out) {
-  const __m512i low_mask = _mm512_set1_epi32(0xF);
   __m512 acc[R];
   for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m512i packed = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16)));
-    const __m512 s = _mm512_set1_ps(half_to_float(scale[g]));
-    const __m512 m = _mm512_set1_ps(half_to_float(mins[g]));
-    const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(packed, low_mask)), s, m);
-    const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(packed, 4)), s, m);
+    __m512 lo, hi;
+    dequant_int4(q + g * 16, _mm512_set1_ps(half_to_float(scale[g])), _mm512_set1_ps(half_to_float(mins[g])), lo,
+                 hi);
     const __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);  // weights 0..31 in order, as x's 32 values are
     const uint16_t* xg = x + g * 32;
     for (int i = 0; i < R; ++i) {
@@ -300,7 +302,6 @@ at::Tensor dequantize_x16_kn(const at::Tensor& qweight, const at::Tensor& scales
   const auto* qp = static_cast<const uint8_t*>(qweight.data_ptr());
   const auto* scp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   const auto* mnp = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
-  const __m512i low_mask = _mm512_set1_epi32(0xF);
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t g = 0; g < groups; ++g) {
@@ -310,10 +311,8 @@ at::Tensor dequantize_x16_kn(const at::Tensor& qweight, const at::Tensor& scales
         const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mg)));
         for (int p = 0; p < 16; ++p) {
           const int64_t k = g * 32 + 2 * p;
-          const __m512i v =
-              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qp + (b * (K / 2) + k / 2) * 16)));
-          const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low_mask)), s, m);
-          const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, m);
+          __m512 lo, hi;
+          dequant_int4(qp + (b * (K / 2) + k / 2) * 16, s, m, lo, hi);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(wp + k * N + b * 16), (__m256i)_mm512_cvtneps_pbh(lo));
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(wp + (k + 1) * N + b * 16), (__m256i)_mm512_cvtneps_pbh(hi));
         }

@@ -110,13 +110,9 @@ def small_rows_unavailable_reason(model: nn.Module) -> str | None:
         return f"the AMX decode kernel is for bfloat16 on the CPU ({param.dtype} on {param.device.type})"
     from busserve import cpu_kernels
 
-    reason = cpu_kernels.unavailable_reason() or cpu_kernels.amx_unavailable_reason()
+    reason = cpu_kernels.amx_unavailable_reason() or cpu_kernels.load_failure()
     if reason is not None:
         return reason
-    try:
-        cpu_kernels.load()
-    except cpu_kernels.KernelBuildError as exc:
-        return str(exc)
     if not torch.ops.busserve.small_linear_available():
         return "the kernel was built without AMX, or Linux refused this process AMX's tile state"
     return None

@@ -255,14 +255,7 @@ def kernel_unavailable_reason() -> str | None:
     """None when ``torch.ops.busserve.quant_linear`` runs here, else why not (then the torch fallback is used)."""
     from busserve import cpu_kernels
 
-    reason = cpu_kernels.unavailable_reason()
-    if reason is not None:
-        return reason
-    try:
-        cpu_kernels.load()
-    except cpu_kernels.KernelBuildError as exc:
-        return str(exc)
-    return None
+    return cpu_kernels.load_failure()
 
 
 def reference_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
