@@ -1,12 +1,24 @@
 """Typed exceptions. Each carries an :class:`Error` message so that it can be put on a stream as data.
 
-Code that talks to the bus catches these, never nats-py's own exceptions: ``busserve.bus.rpc`` translates
-no-responders, time-outs and oversized payloads into them.
+Code that talks to the bus catches these, never nats-py's own exceptions: ``busserve.bus.client`` translates
+no-responders, time-outs and oversized payloads into them. :data:`HTTP_STATUS` is what each error code means in
+HTTP terms: the OpenAI front's status codes and the NATS services protocol's ``Nats-Service-Error-Code``.
 """
 
 from __future__ import annotations
 
 from busserve.messages import Error, ErrorCode
+
+HTTP_STATUS: dict[str, int] = {
+    "invalid_request": 400, "malformed": 400, "payload_too_large": 413, "prompt_too_long": 400, "conflict": 409,
+    "unknown_model": 404, "unknown_request": 404, "no_engine": 503, "overloaded": 429, "timeout": 504,
+    "engine_failure": 503, "router_failure": 503, "stream_gap": 502, "lease_expired": 503, "transfer_failed": 503,
+}
+
+
+def http_status(code: str) -> int:
+    """The HTTP status of an error code (500 for ``internal`` and anything unknown)."""
+    return HTTP_STATUS.get(code, 500)
 
 
 class BusserveError(Exception):

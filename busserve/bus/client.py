@@ -31,6 +31,7 @@ from nats.aio.subscription import Subscription
 from busserve.bus import codec
 from busserve.bus.codec import ContentType
 from busserve.bus.config import BusConfig
+from busserve.bus.nats_service import NatsService, error_headers
 from busserve.bus.subjects import Subjects
 from busserve.errors import MalformedMessage, NoResponders, PayloadTooLarge, RemoteError, RequestTimeout
 from busserve.messages import (
@@ -83,6 +84,9 @@ class Bus:
         self.connected_since: float | None = time.monotonic()  # None while disconnected
         self.reconnects = 0
         self.closing = False
+        # The NATS services this connection is (busserve.bus.nats_service; one per component sharing it): the first
+        # publish to a request's reply subject ends that request in its service's counters.
+        self.services: list[NatsService] = []
 
     def connected_for(self) -> float:
         """Seconds since this connection last (re)connected; 0 while it is down."""
@@ -166,6 +170,8 @@ class Bus:
     def _prepare(self, msg: Any, content_type: ContentType, headers: dict[str, str] | None,
                  trace: bool = True) -> tuple[bytes, dict]:
         payload = codec.encode(msg, content_type)
+        if isinstance(msg, Error):  # the services protocol's error headers beside the typed body
+            headers = {**error_headers(msg), **(headers or {})}
         out = codec.headers_for(content_type, headers)
         if trace:
             propagation.inject(out)
@@ -193,6 +199,8 @@ class Bus:
             await self.nc.publish(subject, payload, reply=reply, headers=hdrs)
         except nats.errors.MaxPayloadError as exc:
             raise PayloadTooLarge(len(payload), self.max_payload, subject) from exc
+        for service in self.services:
+            service.published(subject, msg)
 
     async def publish_raw(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         self._check_size(payload, subject)
@@ -235,8 +243,23 @@ class Bus:
         except PayloadTooLarge as exc:
             await self.publish(request.reply, exc.to_error(), content_type=content_type)
 
-    async def subscribe(self, subject: str, handler: Handler, *, queue: str = "") -> Subscription:
+    async def subscribe(self, subject: str, handler: Handler, *, queue: str = "",
+                        service: NatsService | None = None, endpoint: str | Callable[[Msg], str] = "") -> Subscription:
+        """With ``service``: the messages count into its ``endpoint`` (a function of the message where one
+        subscription serves several endpoints)."""
+        if service is not None:
+            handler = service.metered(handler, endpoint)
         return await self.nc.subscribe(subject, queue=queue, cb=_guarded(handler, subject))
+
+    async def serve_as(self, service: NatsService) -> None:
+        """Answer the services protocol as ``service`` (before subscribing its endpoints)."""
+        self.services.append(service)
+        await service.start(self.nc)
+
+    async def stop_serving(self, service: NatsService) -> None:
+        if service in self.services:
+            self.services.remove(service)
+        await service.stop()
 
     # ------------------------------------------------------------------ streams
 

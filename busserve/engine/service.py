@@ -35,7 +35,8 @@ from nats.aio.msg import Msg
 from busserve.bus import codec
 from busserve.bus.client import MISSED_HEARTBEATS, Bus, request_content_type
 from busserve.bus.identity import check_engine_id_free
-from busserve.bus.subjects import Subjects
+from busserve.bus.nats_service import NatsService
+from busserve.bus.subjects import ENGINE_ACTIONS, Subjects
 from busserve.config_store import ConfigStore, ConfigUnavailable, roles_key
 from busserve.engine.engine_core import EngineCore
 from busserve.engine.requests import ActionCmd, CallCmd, CancelCmd, FenceCmd, GenerateCmd, Outbound, WritesOverCmd
@@ -115,6 +116,7 @@ class EngineService:
         self._outbox: asyncio.Queue[list[Outbound] | asyncio.Event] = asyncio.Queue()
         self._tasks: list[asyncio.Task[Any]] = []
         self._subs: list[Any] = []
+        self.nats_service: NatsService | None = None
         self._heartbeat_seq = 0
         self.host = socket.gethostname()
         self.shm_domain = shm_domain()
@@ -153,11 +155,16 @@ class EngineService:
         if "nvshmem" in self.core.config.transports:
             require_nvshmem()  # asked for explicitly: refuse to start rather than silently fall back
         self._tasks.append(asyncio.create_task(self._publisher(), name="engine-publisher"))
-        self._subs.append(await self.bus.subscribe(self.subjects.engine_actions_wildcard(self.engine_id),
-                                                   self._on_action))
-        self._subs.append(await self.bus.subscribe(self.subjects.cancel(), self._on_cancel))
-        self._subs.append(await self.bus.subscribe(self.subjects.resend(), self._on_resend))
-        self._subs.append(await self.bus.subscribe(self.subjects.kv_data(self.engine_id), self._on_kv_data))
+        self.nats_service = svc = self._nats_service()
+        await self.bus.serve_as(svc)
+        s = self.subjects
+        self._subs += [
+            await self.bus.subscribe(s.engine_actions_wildcard(self.engine_id), self._on_action, service=svc,
+                                     endpoint=lambda msg: Subjects.action_of(msg.subject)),
+            await self.bus.subscribe(s.cancel(), self._on_cancel, service=svc, endpoint="cancel"),
+            await self.bus.subscribe(s.resend(), self._on_resend, service=svc, endpoint="resend"),
+            await self.bus.subscribe(s.kv_data(self.engine_id), self._on_kv_data, service=svc, endpoint="kv_data"),
+        ]
         await self.bus.nc.flush()
         await self._follow_stored_roles()
         if run_core:
@@ -167,6 +174,19 @@ class EngineService:
         log.info("engine %s serving %s (%d KV pages of %d tokens, transports: %s)", self.engine_id,
                  self.core.loaded.name, self.core.allocator.num_pages, self.core.config.page_size,
                  ", ".join(self.core.transports))
+
+    def _nats_service(self) -> NatsService:
+        """This engine as the NATS service ``busserve-engine`` (id: the engine id), one endpoint per action."""
+        s = self.subjects
+        service = NatsService("busserve-engine", self.engine_id, "a busserve engine: the microserving actions",
+                              {"engine_id": self.engine_id, "model": self.core.loaded.name, "host": socket.gethostname(),
+                               "subjects": s.root})
+        for action in ENGINE_ACTIONS:
+            service.add_endpoint(action, s.engine_action(self.engine_id, action))
+        service.add_endpoint("cancel", s.cancel())
+        service.add_endpoint("resend", s.resend())
+        service.add_endpoint("kv_data", s.kv_data(self.engine_id))
+        return service
 
     async def _follow_stored_roles(self) -> None:
         """Roles changed at run time live in the config bucket: take them now, and follow later changes."""
@@ -194,6 +214,8 @@ class EngineService:
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        if self.nats_service is not None:
+            await self.bus.stop_serving(self.nats_service)
         if self.store is not None:
             await self.store.close()
         await asyncio.get_running_loop().run_in_executor(None, self.core.stop)

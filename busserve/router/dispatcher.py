@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 import uuid
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from nats.aio.msg import Msg
 from busserve.bus import codec
 from busserve.bus.client import Bus, request_content_type
 from busserve.bus.identity import check_router_id_free
+from busserve.bus.nats_service import NatsService
 from busserve.config_store import ConfigStore, ConfigUnavailable
 from busserve.errors import BusserveError, MalformedMessage, RemoteError
 from busserve.messages import (
@@ -123,6 +125,7 @@ class Router:
         self.resumed = 0
         self.store: ConfigStore | None = None
         self._subs: list[Any] = []
+        self.nats_service: NatsService | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seq = 0
         self.telemetry = RouterTelemetry(self.config.router_id, lambda: self.active, lambda: self.in_flight)
@@ -136,7 +139,10 @@ class Router:
     async def start(self) -> None:
         s = self.bus.subjects
         await check_router_id_free(self.bus, self.config.router_id)
-        self._subs.append(await self.bus.subscribe(s.router_ping(self.config.router_id), self._on_ping))
+        self.nats_service = svc = self._nats_service()
+        await self.bus.serve_as(svc)
+        self._subs.append(await self.bus.subscribe(s.router_ping(self.config.router_id), self._on_ping, service=svc,
+                                                   endpoint="ping"))
         self._subs.append(await self.bus.subscribe(s.engines_status(), self._on_engine_status))
         self._subs.append(await self.bus.subscribe(s.routers_status(), self._on_router_status))
         self._subs.append(await self.bus.subscribe(s.all_kv_events(), self._on_kv_events))
@@ -147,21 +153,39 @@ class Router:
         while not self.view.engines() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for subject in (s.generate(), s.generate_any_owner()):
-            self._subs.append(await self.bus.subscribe(subject, self._on_generate, queue=ROUTER_QUEUE))
+            self._subs.append(await self.bus.subscribe(subject, self._on_generate, queue=ROUTER_QUEUE, service=svc,
+                                                       endpoint="generate"))
         for subject in (s.cancel(), s.cancel_any_owner()):
-            self._subs.append(await self.bus.subscribe(subject, self._on_cancel))
+            self._subs.append(await self.bus.subscribe(subject, self._on_cancel, service=svc, endpoint="cancel"))
         for subject in (s.resend(), s.resend_any_owner()):
-            self._subs.append(await self.bus.subscribe(subject, self._on_resend))
-        self._subs.append(await self.bus.subscribe(s.control_strategy(), self._on_set_strategy, queue=ROUTER_QUEUE))
+            self._subs.append(await self.bus.subscribe(subject, self._on_resend, service=svc, endpoint="resend"))
+        self._subs.append(await self.bus.subscribe(s.control_strategy(), self._on_set_strategy, queue=ROUTER_QUEUE,
+                                                   service=svc, endpoint="set_strategy"))
         self._spawn(self._heartbeat())
         self._spawn(self.mover.rebalance_forever())
         await self.bus.nc.flush()
         log.info("router %s up; strategy %s %s", self.config.router_id, self.active.name, self.active.params)
 
+    def _nats_service(self) -> NatsService:
+        """This router as the NATS service ``busserve-router`` (id: the router id). Requests from every owner
+        (``generate.*`` beside the open server's ``generate``) count into one endpoint each."""
+        s = self.bus.subjects
+        service = NatsService("busserve-router", self.config.router_id,
+                              "a busserve router: takes requests and runs strategies over the engines",
+                              {"router_id": self.config.router_id, "host": socket.gethostname(), "subjects": s.root})
+        service.add_endpoint("generate", s.generate_any_owner(), ROUTER_QUEUE)
+        service.add_endpoint("cancel", s.cancel_any_owner())
+        service.add_endpoint("resend", s.resend_any_owner())
+        service.add_endpoint("set_strategy", s.control_strategy(), ROUTER_QUEUE)
+        service.add_endpoint("ping", s.router_ping(self.config.router_id))
+        return service
+
     async def stop(self) -> None:
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        if self.nats_service is not None:
+            await self.bus.stop_serving(self.nats_service)
         # Let requests already routed finish their strategies (bounded).
         pending = [t for t in self._tasks if not t.get_name().startswith("router-bg")]
         if pending:

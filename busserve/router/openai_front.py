@@ -28,7 +28,7 @@ import busserve
 from busserve import structured_output
 from busserve.bus import codec
 from busserve.bus.client import Bus
-from busserve.errors import BusserveError, MalformedMessage
+from busserve.errors import BusserveError, MalformedMessage, http_status
 from busserve.messages import (
     ChatMessage,
     EngineStatus,
@@ -56,11 +56,6 @@ from busserve.router.openai_requests import (
 )
 from busserve.tokenization import prompt_token_ids, vocab_size
 
-HTTP_STATUS = {
-    "invalid_request": 400, "malformed": 400, "payload_too_large": 413, "prompt_too_long": 400, "conflict": 409,
-    "unknown_model": 404, "unknown_request": 404, "no_engine": 503, "overloaded": 429, "timeout": 504,
-    "engine_failure": 503, "router_failure": 503, "stream_gap": 502, "lease_expired": 503, "transfer_failed": 503,
-}
 RETRY_AFTER_S = 1  # what a 429 or 503 tells a client to wait before trying again
 ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error",
               413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
@@ -72,7 +67,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def error_response(code: str, message: str, param: str | None = None) -> JSONResponse:
-    status = HTTP_STATUS.get(code, 500)
+    status = http_status(code)
     body = {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param,
                       "code": "model_not_found" if code == "unknown_model" else code}}
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
@@ -407,7 +402,7 @@ def _event(obj: dict[str, Any]) -> bytes:
 
 def _error_event(code: str, message: str, param: str | None = None) -> bytes:
     """An error inside a stream that has begun (its HTTP status is sent already), OpenAI-shaped."""
-    kind = ERROR_TYPE.get(HTTP_STATUS.get(code, 500), "server_error")
+    kind = ERROR_TYPE.get(http_status(code), "server_error")
     return _event({"error": {"message": message, "code": code, "param": param, "type": kind}})
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import uuid
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -19,6 +21,7 @@ from opentelemetry.trace import SpanKind
 
 from busserve.bus import codec
 from busserve.bus.client import Bus
+from busserve.bus.nats_service import NatsService
 from busserve.errors import BusserveError, MalformedMessage
 from busserve.messages import Ack, EngineStatus, Error, KVEventBatch, RoutedRequest, StrategyResult
 from busserve.router.cluster import ClusterView
@@ -38,20 +41,30 @@ class StrategyProcess:
         self.fn = fn
         self.view = ClusterView(bus)
         self._subs: list[Any] = []
+        self.nats_service: NatsService | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         s = self.bus.subjects
         self._subs.append(await self.bus.subscribe(s.engines_status(), self._on_status))
         self._subs.append(await self.bus.subscribe(s.all_kv_events(), self._on_kv))
-        self._subs.append(await self.bus.subscribe(s.strategy(self.name), self._on_request,
-                                                   queue=f"busserve-strategy-{self.name}"))
+        queue = f"busserve-strategy-{self.name}"
+        service = NatsService("busserve-strategy", f"{self.name}-{uuid.uuid4().hex[:8]}",
+                              f"a busserve strategy process serving {self.name!r}",
+                              {"strategy": self.name, "host": socket.gethostname(), "subjects": s.root})
+        service.add_endpoint("route", s.strategy(self.name), queue)
+        self.nats_service = service
+        await self.bus.serve_as(service)
+        self._subs.append(await self.bus.subscribe(s.strategy(self.name), self._on_request, queue=queue,
+                                                   service=service, endpoint="route"))
         await self.bus.nc.flush()
 
     async def stop(self) -> None:
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        if self.nats_service is not None:
+            await self.bus.stop_serving(self.nats_service)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=10)
 

@@ -78,6 +78,8 @@ def rules(subjects: Subjects) -> list[Rule]:
         Rule(f"{root}.engine.{{name}}.probe", ("engine",), (), "is this engine id taken? (asked before serving)"),
         Rule(f"{root}.strategy.*", ("router",), ("strategy",), "routers hand requests to strategy processes"),
         Rule(f"{root}.control.strategy", ("operator",), ("router",), "switch the strategy (a router answers)"),
+        Rule("$SRV.>", ("operator",), ("router", "engine", "strategy"),
+             "NATS services discovery (`$SRV.PING/INFO/STATS`, busserve.bus.nats_service): the services answer"),
         # The live configuration (JetStream key-value): services and operators read it; routers and operators
         # write the strategy, operators the roles.
         Rule(f"{api}.INFO", ("router", "engine", "operator"), (), "JetStream account info"),

@@ -8,18 +8,24 @@ run time; a request with no engine gets a prompt error; a cancel frees pages on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import random
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import nats.errors
 import pytest
+from nats.micro.service import EndpointStats, ServiceStats
 
 from busserve.bus import codec
 from busserve.bus.client import Bus
 from busserve.bus.embedded import free_port
+from busserve.bus.subjects import ENGINE_ACTIONS
 from busserve.engine.model_loader import LoadedModel
 from busserve.messages import (
     Cancel,
@@ -32,6 +38,7 @@ from busserve.messages import (
     StrategyState,
     TokenChunk,
 )
+from busserve.router.dispatcher import ROUTER_QUEUE
 from busserve.testing import ProcessCluster, prompt_tokens_computed
 from busserve.tokenization import vocab_size
 from tests.helpers import assert_greedy_equal, live_view, wait_idle_no_leaks
@@ -90,6 +97,24 @@ async def _wait_router(bus: Bus, router_id: str = "r0", strategy: str | None = N
         raise AssertionError(f"router {router_id} never reported strategy {strategy}")
     finally:
         await sub.unsubscribe()
+
+
+async def _gather(bus: Bus, subject: str, wait_s: float = 0.5) -> list[dict[str, Any]]:
+    """Every answer to a NATS services discovery request, as ``nats micro ls`` collects them."""
+    inbox = bus.nc.new_inbox()
+    sub = await bus.nc.subscribe(inbox)
+    await bus.nc.publish(subject, b"", reply=inbox)
+    answers = []
+    with contextlib.suppress(nats.errors.TimeoutError):
+        while True:
+            answers.append(json.loads((await sub.next_msg(timeout=wait_s)).data))
+    await sub.unsubscribe()
+    return answers
+
+
+async def _endpoint_stats(bus: Bus, name: str, sid: str) -> dict[str, EndpointStats]:
+    reply = await bus.nc.request(f"$SRV.STATS.{name}.{sid}", b"", timeout=2)
+    return {e.name: e for e in ServiceStats.from_dict(json.loads(reply.data)).endpoints}
 
 
 STRATEGIES = [("least_loaded", {}), ("round_robin", {}), ("pd", {}), ("balanced_pd", {"f": 0.1}),
@@ -237,10 +262,56 @@ async def test_a_strategy_process_serves_when_active(cluster: tuple[ProcessClust
         _, final = await _tokens(bus, _prompt(tiny, 30, seed=9))
         assert final.engine_id == "A"
         await _set(bus, "least_loaded")
+        # Listed as a NATS service, its requests (five routed, the routers' pings besides) counted.
+        [stats] = [ServiceStats.from_dict(d) for d in await _gather(bus, "$SRV.STATS.busserve-strategy")]
+        assert stats.metadata["strategy"] == "custom"
+        [route] = stats.endpoints
+        assert route.subject == bus.subjects.strategy("custom") and route.num_requests >= 5 and not route.num_errors
     finally:
         c.kill("strategy-custom", sig=15)
         await bus.close()
     assert proc.returncode is not None
+
+
+@pytest.mark.asyncio
+async def test_the_cluster_is_listed_as_nats_services(cluster: tuple[ProcessCluster, int], tiny: LoadedModel) -> None:
+    """Engines and routers answer the NATS services protocol: listed, their endpoints named with their subjects, each
+    request counted, a refused one counted as an error and carrying the protocol's error headers."""
+    c, _ = cluster
+    bus = await _connect(c)
+    try:
+        await _set(bus, "least_loaded")
+        listed = {(p["name"], p["id"]) for p in await _gather(bus, "$SRV.PING")}
+        assert {("busserve-engine", "A"), ("busserve-engine", "B"), ("busserve-router", "r0")} <= listed
+        info = json.loads((await bus.nc.request("$SRV.INFO.busserve-engine.A", b"", timeout=2)).data)
+        assert info["metadata"]["engine_id"] == "A"
+        subjects = {e["name"]: e["subject"] for e in info["endpoints"]}
+        assert subjects["start_generate"] == bus.subjects.engine_action("A", "start_generate")
+        assert set(ENGINE_ACTIONS) <= set(subjects)
+
+        router_before = await _endpoint_stats(bus, "busserve-router", "r0")
+        engines_before = [await _endpoint_stats(bus, "busserve-engine", e) for e in ("A", "B")]
+        await _tokens(bus, _prompt(tiny, 30, seed=11), n=4)
+        inbox = bus.nc.new_inbox()
+        sub = await bus.nc.subscribe(inbox)
+        bad = GenerateRequest(prompt_token_ids=[vocab_size(tiny.tokenizer) + 7], sampling=SamplingParams(max_tokens=2))
+        await bus.publish(bus.subjects.generate(), bad, reply=inbox)
+        refused = await sub.next_msg(timeout=30)
+        await sub.unsubscribe()
+        assert isinstance(codec.decode(refused.data, Error, refused.headers), Error)
+        assert refused.headers is not None and refused.headers["Nats-Service-Error-Code"] == "400"
+        assert refused.headers["Nats-Service-Error"].startswith("invalid_request: ")
+
+        router_after = await _endpoint_stats(bus, "busserve-router", "r0")
+        gen0, gen1 = router_before["generate"], router_after["generate"]
+        assert (gen1.num_requests - gen0.num_requests, gen1.num_errors - gen0.num_errors) == (2, 1)
+        assert gen1.queue_group == ROUTER_QUEUE
+        engines_after = [await _endpoint_stats(bus, "busserve-engine", e) for e in ("A", "B")]
+        served = sum(a.num_requests - b.num_requests for before, after in zip(engines_before, engines_after, strict=True)
+                     for b, a in zip(before.values(), after.values(), strict=True))
+        assert served >= 1
+    finally:
+        await bus.close()
 
 
 @pytest.mark.asyncio

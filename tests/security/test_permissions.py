@@ -75,6 +75,11 @@ FORBIDDEN = [
     ("operator", "pub", f"{ROOT}.engine.e0.abort"),
     ("operator", "pub", f"{ROOT}.engine.e0.remote_send"),
     ("operator", "sub", f"{ROOT}.engines.*.kv"),
+    # NATS services discovery lists the cluster's processes: an operator's question, not a client's
+    ("alice", "pub", "$SRV.PING"),
+    ("alice", "pub", "$SRV.STATS.busserve-engine"),
+    ("alice", "sub", "$SRV.INFO"),
+    ("e0", "pub", "$SRV.PING"),
 ]
 
 # (identity, "pub" | "sub", subject): what the role's job needs.
@@ -110,6 +115,11 @@ ALLOWED = [
     ("operator", "pub", f"{ROOT}.engine.e0.drain"),
     ("operator", "pub", f"$KV.{BUCKET}.roles.e0"),
     ("operator", "sub", f"{ROOT}.engines.status"),
+    ("operator", "pub", "$SRV.PING"),
+    ("operator", "pub", "$SRV.STATS.busserve-engine.e0"),
+    ("e0", "sub", "$SRV.PING.busserve-engine.e0"),
+    ("router-0", "sub", "$SRV.INFO.busserve-router"),
+    ("strategy", "sub", "$SRV.STATS"),
 ]
 
 
