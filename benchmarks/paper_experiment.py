@@ -1,11 +1,12 @@
-"""Issue #7: the microserving paper's experiment, scaled to this machine.
+"""The microserving paper's experiment, scaled to this machine.
 
     .venv/bin/python benchmarks/paper_experiment.py [--workloads long,chat,mixed] [--out .bench/paper]
 
-Two SmolLM2 engines, each pinned to its own core (one compute thread each), one router. Workloads, fixed before
-any measurement: ``long`` — inputs N(1024, 256) tokens, outputs N(32, 8) (the paper's long-input experiment used
+Two SmolLM2 engines (``--engines N`` for more), each pinned to a core (one compute thread each), one router.
+Workloads, fixed before any measurement: ``long`` — inputs N(1024, 256) tokens, outputs N(32, 8) (the paper's long-input experiment used
 ~3,000-token inputs; 1,024 keeps one prefill near a second on one core here); ``chat`` — inputs N(128, 32),
-outputs N(128, 32); ``mixed`` — the two interleaved half and half. Poisson arrivals. Request rates are fractions
+outputs N(128, 32); ``mixed`` — the two interleaved half and half; ``longer`` — N(2048, 512) in, N(128, 32)
+out (held out for ``adaptive``, docs/STRATEGIES.md). Poisson arrivals. Request rates are fractions
 of the capacity measured at the start (``--load``), so the same script means the same thing on another machine.
 
 Each (workload, rate) runs every strategy on the same requests (same lengths, same arrival times), switching live;
@@ -42,24 +43,35 @@ from busserve.router.control import set_strategy
 from busserve.testing import ProcessCluster
 
 FIXED = ["least_loaded", "pd", "balanced_pd:f=0.1", "balanced_pd:f=0.2", "balanced_pd:f=0.3"]
-WORKLOADS = {"long": datasets.long_input, "chat": datasets.chat, "mixed": datasets.mixed}
-ENGINES = ("E0", "E1")
-# As in the paper, PD means a prefill engine and a decode engine; data parallel and adaptive get two engines that
-# do both (adaptive decides per request which does what).
-ROLES_BY_STRATEGY = {"pd": (["prefill"], ["decode"]), "balanced_pd": (["prefill"], ["decode"])}
-BOTH = (["prefill", "decode"], ["prefill", "decode"])
+
+
+def longer(n: int, seed: int = 0) -> list[datasets.Sample]:
+    """A held-out workload for ``adaptive`` (docs/STRATEGIES.md): longer prompts and longer answers."""
+    return datasets.synthetic(n, "normal:2048,512", "normal:128,32", seed, kind="longer")
+
+
+WORKLOADS = {"long": datasets.long_input, "chat": datasets.chat, "mixed": datasets.mixed, "longer": longer}
+ENGINES: list[str] = ["E0", "E1"]  # --engines N: E0 … E(N-1), engine i on core i mod the cores there are
+
+
+def roles_for(strategy: str) -> list[list[str]]:
+    """As in the paper, PD means prefill engines and decode engines (E0 prefills, the rest decode); data parallel and
+    adaptive get engines that do both (adaptive decides per request which does what)."""
+    if strategy in ("pd", "balanced_pd"):
+        return [["prefill"]] + [["decode"]] * (len(ENGINES) - 1)
+    return [["prefill", "decode"]] * len(ENGINES)
 
 
 async def capacity(bus: Bus, make: Any, n: int = 12) -> float:
     """Requests per second the cluster completes when offered everything at once (data parallel)."""
-    await set_roles(bus, BOTH)
+    await set_roles(bus, roles_for("least_loaded"))
     await set_strategy(bus, "least_loaded", {})
     samples = make(n, seed=999)
     records, duration = await run_load(samples, bus_sender(bus, 600), LoadConfig(max_concurrency=n))
     return sum(1 for r in records if r.ok) / duration
 
 
-async def set_roles(bus: Bus, roles: tuple[list[str], list[str]]) -> None:
+async def set_roles(bus: Bus, roles: list[list[str]]) -> None:
     for eid, r in zip(ENGINES, roles, strict=True):
         await bus.request(bus.subjects.engine_action(eid, "set_roles"), SetRoles(engine_id=eid, roles=r),  # type: ignore[arg-type]
                           RolesState, timeout_s=10)
@@ -86,7 +98,7 @@ async def run(cluster: ProcessCluster, args: argparse.Namespace) -> list[str]:
                 stored = {r["label"] for r in runs}
                 for spec in strategies:
                     name, params = parse_strategy(spec)
-                    await set_roles(bus, ROLES_BY_STRATEGY.get(name, BOTH))
+                    await set_roles(bus, roles_for(name))
                     state = await set_strategy(bus, name, params)
                     base = label = strategy_label(state.name, state.params)
                     if args.strategy and label in stored and label not in args.replace:
@@ -112,7 +124,7 @@ async def run(cluster: ProcessCluster, args: argparse.Namespace) -> list[str]:
                 tables.append(table(workload, load, rate, cap, runs))
     finally:
         with contextlib.suppress(BusserveError):  # best effort: the engines may be gone already
-            await set_roles(bus, BOTH)
+            await set_roles(bus, roles_for("least_loaded"))
         await bus.close()
     return tables
 
@@ -183,6 +195,9 @@ def main() -> int:
     ap.add_argument("--capacity-from", metavar="DIR", help="take each workload's capacity from results stored in "
                     "DIR instead of measuring it")
     ap.add_argument("--out", default=".bench/paper")
+    ap.add_argument("--engines", type=int, default=2, help="engines in the cluster (engine i on core i mod cores)")
+    ap.add_argument("--serve", action="append", default=[], metavar="MODULE:FN=NAME",
+                    help="also run this strategy in its own process under NAME (then --strategy NAME)")
     ap.add_argument("--report", action="store_true", help="print the tables of stored results and exit")
     ap.add_argument("--router-log-level", default="INFO",
                     help="DEBUG: the router logs every adaptive decision (to this script's stderr)")
@@ -193,13 +208,17 @@ def main() -> int:
     # SIGTERM exits through the ProcessCluster's clean-up, so no engine or router outlives the experiment.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cores = sorted(os.sched_getaffinity(0))
+    ENGINES[:] = [f"E{i}" for i in range(args.engines)]
     with ProcessCluster() as cluster:
-        for i, eid in enumerate(("E0", "E1")):
+        for i, eid in enumerate(ENGINES):
             cluster.start_engine(eid, "--kv-memory", "1GiB", cpus=[cores[i % len(cores)]])
         cluster.start("router", "--log-level", args.router_log_level, "router", "--nats", cluster.url,
                       "--id", "paper-router")
-        cluster.wait_engines({"E0", "E1"})
-        time.sleep(2)
+        for i, serve in enumerate(args.serve):  # strategies in their own processes, e.g. one under development
+            spec, _, name = serve.rpartition("=")
+            cluster.start(f"strategy-{i}", "strategy", "serve", spec, "--name", name, "--nats", cluster.url)
+        cluster.wait_engines(set(ENGINES))
+        time.sleep(8 if args.serve else 2)  # a strategy process answers the router's check once it has started
         tables = asyncio.run(run(cluster, args))
     print("\n\n".join(tables))
     return 0

@@ -213,8 +213,10 @@ def adaptive(**params: float) -> Policy:
     seen: dict[bool, float] = {}  # the strategy's memory of short / long prompts, on the model's clock
 
     def route(prompt_len: int, engines: list[ModelEngine]) -> Route:
+        # The prefill rate a real engine would measure of itself and publish in its heartbeats.
         loads = [EngineLoad(id=e.id, can_prefill=True, can_decode=True, requests=e.requests, backlog=e.backlog,
-                            decoding=e.decoders, cached=0) for e in engines]
+                            decoding=e.decoders, cached=0,
+                            prefill_rate=1000 / (e.cost.per_prompt_token_ms * e.cost.scale)) for e in engines]
         p = plan_remembering(prompt_len, loads, seen, engines[0].loop.now, **params)
         by_id = {e.id: e for e in engines}
         return by_id[p.prefill], by_id[p.decode], p.end

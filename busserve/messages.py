@@ -572,6 +572,10 @@ class EngineStatus(_Msg, tag="engine_status"):
     state: Literal["serving", "draining", "stopped"] = "serving"
     quarantined_pages: int = 0  # pages of dropped receives kept until no sender can still write into them
     prompt_tokens_computed: int = 0  # prompt tokens this engine has computed since it started (cache hits excluded)
+    # Measured by the engine as it serves (busserve.engine.step_rates); 0 until measured.
+    prefill_tokens_per_s: float = 0.0
+    decode_step_s: float = 0.0
+    prefill_share: float = 0.0  # of the last ~30 s spent computing prompts (a decoder here waits that share)
 
 
 class KVStored(_Msg, tag="kv_stored"):

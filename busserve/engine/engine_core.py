@@ -51,6 +51,7 @@ from busserve.engine.runner import ModelRunner, kv_layout_for
 from busserve.engine.sampler import SamplingState, sample, token_logprobs
 from busserve.engine.scheduler import DuplicateRequest, NeverFits, Scheduler, SchedulerConfig
 from busserve.engine.sequence import SeqKind, SeqStatus, Sequence
+from busserve.engine.step_rates import StepRates
 from busserve.engine.subrequests import SubRequests
 from busserve.kv.pool import PageAllocator
 from busserve.kv.radix_cache import RadixCache
@@ -154,6 +155,7 @@ class EngineCore:
         self.grammars = Grammars(loaded.tokenizer, loaded.eos_token_ids)  # structured outputs' matchers
         self.protocol = SubRequests(self, self.kv, self.transports, self.landing, list(config.transports))
         self.counters = EngineCounters()
+        self.rates = StepRates()  # published in heartbeats: what a prompt token and a decode step cost here
         self._kv_event_seq = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -236,9 +238,11 @@ class EngineCore:
             sample_seqs = [s for s, n in batch if s.kind is SeqKind.GENERATE and s.num_computed + n == len(s.token_ids)]
             sends = [(s, n) for s, n in batch if s.kind is SeqKind.SEND]
             self._stamp_scheduled(batch.seqs)
+            t0 = time.perf_counter()
             logits = self.runner.run(batch, sample_seqs, self.protocol.layer_hook(sends) if sends else None)
-            self.counters.prompt_tokens_computed += sum(min(n, s.prompt_len - s.num_computed)
-                                                        for s, n in batch if s.is_prefill)
+            prompt_tokens = sum(min(n, s.prompt_len - s.num_computed) for s, n in batch if s.is_prefill)
+            decode_rows = sum(1 for s, _ in batch if not s.is_prefill)
+            self.counters.prompt_tokens_computed += prompt_tokens
             self.scheduler.advance(batch)
             self.protocol.after_step(sends)
             if self.protocol.migrations.active:
@@ -262,6 +266,7 @@ class EngineCore:
                 else:
                     self._append_token(seq, tok, out, lp)
             self.counters.steps += 1
+            self.rates.observe(prompt_tokens, decode_rows, time.perf_counter() - t0)
         self._collect_kv_events(out)
         if out:
             self.emit(out)

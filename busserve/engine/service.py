@@ -346,6 +346,8 @@ class EngineService:
             metrics_url=self.config.metrics_url, pending_prefill_tokens=pending, decoding=decoding,
             draining=self.state != "serving", state=self.state, quarantined_pages=sched.held_pages,
             prompt_tokens_computed=core.counters.prompt_tokens_computed,
+            prefill_tokens_per_s=round(core.rates.prefill_tokens_per_s, 1),
+            decode_step_s=round(core.rates.decode_step_s, 5), prefill_share=round(core.rates.prefill_share(), 3),
         )
 
     # ------------------------------------------------------------------ inbound

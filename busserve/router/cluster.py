@@ -216,6 +216,19 @@ class Engine:
         return max(self.status.decoding, self._load.decoding(self.id))
 
     @property
+    def prefill_tokens_per_s(self) -> float:
+        """The prefill rate the engine measures of itself (``busserve.engine.step_rates``); 0 until measured."""
+        return self.status.prefill_tokens_per_s
+
+    @property
+    def decode_step_s(self) -> float:
+        return self.status.decode_step_s
+
+    @property
+    def prefill_share(self) -> float:
+        return self.status.prefill_share
+
+    @property
     def free_kv_fraction(self) -> float:
         total = self.status.total_pages or 1
         return (self.status.free_pages + self.status.cached_pages) / total

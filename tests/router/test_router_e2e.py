@@ -29,6 +29,7 @@ from busserve.bus.subjects import ENGINE_ACTIONS
 from busserve.engine.model_loader import LoadedModel
 from busserve.messages import (
     Cancel,
+    EngineStatus,
     Error,
     Final,
     GenerateRequest,
@@ -291,7 +292,16 @@ async def test_the_cluster_is_listed_as_nats_services(cluster: tuple[ProcessClus
 
         router_before = await _endpoint_stats(bus, "busserve-router", "r0")
         engines_before = [await _endpoint_stats(bus, "busserve-engine", e) for e in ("A", "B")]
-        await _tokens(bus, _prompt(tiny, 30, seed=11), n=4)
+        await _tokens(bus, _prompt(tiny, 60, seed=11), n=4)
+        # The engine that prefilled it publishes its measured prefill rate in its heartbeats.
+        statuses = await bus.nc.subscribe(bus.subjects.engines_status())
+        for _ in range(20):
+            status = codec.decode((await statuses.next_msg(timeout=5)).data, EngineStatus)
+            if status.prefill_tokens_per_s > 0 and status.decode_step_s > 0:
+                break
+        else:
+            raise AssertionError("no engine published a measured prefill rate")
+        await statuses.unsubscribe()
         inbox = bus.nc.new_inbox()
         sub = await bus.nc.subscribe(inbox)
         bad = GenerateRequest(prompt_token_ids=[vocab_size(tiny.tokenizer) + 7], sampling=SamplingParams(max_tokens=2))

@@ -98,9 +98,9 @@ def test_load_tracker_counts_requests_prefill_and_decodes() -> None:
 
 
 def _eload(eid: str, backlog: int = 0, decoding: int = 0, cached: int = 0, requests: float = 0,
-           roles: tuple[bool, bool] = (True, True)) -> EngineLoad:
+           roles: tuple[bool, bool] = (True, True), rate: float = 1000.0) -> EngineLoad:
     return EngineLoad(id=eid, can_prefill=roles[0], can_decode=roles[1], requests=requests, backlog=backlog,
-                      decoding=decoding, cached=cached)
+                      decoding=decoding, cached=cached, prefill_rate=rate)
 
 
 def test_adaptive_splits_dual_role_engines_by_id() -> None:
@@ -130,7 +130,7 @@ def test_adaptive_plans_per_request() -> None:
     assert plan(128, [_eload("a"), _eload("b", requests=4)], since_long_s=30.0).decode == "a"
     assert plan(128, [_eload("a"), _eload("b", requests=4)], since_long_s=3.0, memory_s=0).decode == "a"
     # With requests decoding there, the prompt is prefilled on the prefill side (as in PD) while that has at most
-    # short_wait_s (0.5 s at 1000 tokens/s) queued; past that, or with nobody to stall, it runs whole on "b".
+    # short_wait_s (0.5 s at the engine's measured 1,000 tokens/s) queued; past that, or with nobody to stall, it runs whole on "b".
     p = plan(128, [_eload("a", backlog=400), _eload("b", decoding=2)], since_long_s=3.0)
     assert (p.prefill, p.decode, p.end, p.f, p.short) == ("a", "b", 127, 0.0, True)
     assert plan(128, [_eload("a", backlog=600), _eload("b", decoding=2)], since_long_s=3.0).data_parallel
@@ -149,7 +149,7 @@ def test_adaptive_plans_per_request() -> None:
     # The prefill side's queue raises f: 2 s queued → 0.2, and never past f_max.
     busy = _eload("b", decoding=4)
     assert plan(1000, [_eload("a", backlog=2000), busy]).f == pytest.approx(0.2)
-    assert plan(1000, [_eload("a", backlog=20000), busy]).f == pytest.approx(0.3)
+    assert plan(1000, [_eload("a", backlog=20000), busy], absorb_decoders=-1).f == pytest.approx(0.3)
     assert plan(1000, [_eload("a", backlog=2000), busy], f_per_queued_s=0).f == pytest.approx(0.1)
     # A queue on the prefill side (≥ 0.5 s) while the decode engine has at most 3 decoders and nothing to
     # prefill: the decode engine takes the whole prompt.
@@ -164,6 +164,20 @@ def test_adaptive_plans_per_request() -> None:
     assert not plan(1000, [_eload("a", backlog=600), _eload("b", decoding=4)]).data_parallel
     assert not plan(1000, [_eload("a", backlog=600), _eload("b", decoding=1, backlog=150)]).data_parallel
     assert not plan(1000, [_eload("a", backlog=600), _eload("b")], absorb_decoders=-1).data_parallel
+    # Past absorb_decoders it still absorbs when the prefill side's queue is longer than the stall it causes:
+    # 6 decoders each waiting 1 s for this prompt, against 10 s ahead of it on the prefill side.
+    assert plan(1000, [_eload("a", backlog=10000), _eload("b", decoding=6)]).data_parallel
+    assert not plan(1000, [_eload("a", backlog=5000), _eload("b", decoding=6)]).data_parallel
+    assert not plan(1000, [_eload("a", backlog=10000), _eload("b", decoding=6)], absorb_decoders=-1).data_parallel
+    # Queues are compared in seconds at each engine's measured rate: the same 600 tokens are 0.15 s on an engine
+    # prefilling 4,000 tokens/s (not worth absorbing) and 0.6 s at 1,000; a set prefill_tokens_per_s overrides both.
+    assert not plan(1000, [_eload("a", backlog=600, rate=4000), _eload("b", decoding=3)]).data_parallel
+    assert plan(1000, [_eload("a", backlog=1200, rate=2000), _eload("b", decoding=3)]).data_parallel
+    assert plan(1000, [_eload("a", backlog=600, rate=4000), _eload("b", decoding=3)],
+                prefill_tokens_per_s=1000).data_parallel
+    # An engine that has not measured its rate yet counts at the fallback (2,000 tokens/s).
+    assert not plan(1000, [_eload("a", backlog=600, rate=0), _eload("b", decoding=3)]).data_parallel
+    assert plan(1000, [_eload("a", backlog=1200, rate=0), _eload("b", decoding=3)]).data_parallel
     # Nor while short prompts are arriving: their decoders have long answers ahead.
     p = plan(1000, [_eload("a", backlog=600), _eload("b")], since_short_s=2.0)
     assert (p.data_parallel, p.end, p.f) == (False, 999, 0.0)  # nor a tail: plain PD

@@ -1,44 +1,13 @@
 """Adaptive: per request, data parallel, PD or balanced PD — and the balance factor — from the prompt length, the
-cached prefixes and the engines' current and recent work.
+cached prefixes and the engines' current work. Its rules, why each is there and what they were measured against:
+docs/STRATEGIES.md ("adaptive").
 
-What the fixed strategies measured on the paper's experiment (docs/BENCHMARKS.md, "The paper's experiment"):
-
-* long prompts stall every decode step that shares an engine with their prefill chunks — that is data parallel's
-  P99 on long inputs; PD keeps decode steps clean, and balanced PD at f = 0.1 does best of all (the decode engine
-  prefilling the last tenth takes that much off the prefill queue for one short stall); f >= 0.2 stalls too much;
-* short prompts (chat) are best served whole: a hop costs a decode step and halves the engines that prefill;
-* a request that decodes on an engine which then starts prefilling long prompts is the worst case of all. An
-  earlier version of this strategy priced each request alone and switched the cluster between "spread" and
-  "specialize" by load; the switch is exactly where such requests were made, and they set its P99.
-
-So the layout is fixed and the choice is per request. Among engines that may do both, the first half by id is the
-prefill side and the rest the decode side (the same on every router replica, no shared state; as ``busserve up
---roles prefill --roles decode`` lays them out); roles set by an operator override this. Then, for each request:
-
-* **short** (at most ``short_prompt`` tokens left to compute on some engine, cached prefix included): whole, on the
-  least-loaded engine — data parallel; but while long prompts are arriving (one served within ``memory_s``),
-  it decodes on the least-loaded decode-side engine, as in PD, where no long prefill stalls its decode steps —
-  prefilled on the prefill side while that has at most ``short_wait_s`` queued (as in PD: the decode engine's
-  decoders are not stalled by it), else whole on the decode engine (a short stall for them, not a long queue for
-  this request);
-* **long, while a prefill-side engine has nobody decoding**: prefill there (the quiet engine that reaches the
-  request soonest, counting its cached prefix), decode on the least-loaded decode engine, balance factor ``f``
-  plus ``f_per_queued_s`` per second of prefill queued on the prefill side, at most ``f_max``: a fixed f lets the
-  prefill queue grow without bound once the load outruns one prefill engine. It drops to 0 while the decode engine
-  already has prefill queued, since the tail would wait behind it and stall its decoders twice. The tail too is
-  prefilled at most ``prefill_chunk`` tokens per step beside the decoders (``start_generate``'s ``prefill_chunk``);
-* **long, while the prefill side has at least ``absorb_queued_s`` more queued than the decode engine and that one is
-  nearly idle** (at most ``absorb_decoders`` requests decoding, no short prompt within ``memory_s``): whole, on the
-  decode engine, at most ``prefill_chunk`` prompt tokens per step beside its decoders. A burst then costs a few
-  decoders short stalls instead of queueing on one engine (``absorb_decoders=-1`` turns this off);
-* **long, while every prefill-side engine has requests decoding** (short prompts that ran whole there): whole, on
-  the least-loaded engine. Disaggregating gains by putting a long prefill where nobody waits on it; with decoders
-  there it would stall them for the whole prefill (data parallel stalls each engine's for half of them) and pay
-  the hop besides — which is why PD loses to data parallel when long prompts and chat are interleaved.
-
-``prefill_tokens_per_s`` turns queued prompt tokens into seconds; the default is what SmolLM2 on one core of the
-benchmark machine prefills (docs/BENCHMARKS.md). Set it for other hardware with
-``busserve strategy set adaptive --param prefill_tokens_per_s=...``.
+In short: the engines are split once (operator roles, else the first half by id prefills); short prompts run whole
+(on the decode side while long prompts are arriving); a long prompt is prefilled where nobody decodes and decoded on
+the decode side, the decode engine taking a share that grows with the prefill side's queue; a nearly idle decode
+engine takes whole prompts while the prefill side's queue is longer; and a long prompt runs whole while every
+prefill-side engine has requests decoding. Queued prompt tokens become seconds at each engine's own prefill rate,
+measured by the engine and published in its heartbeats (``busserve.engine.step_rates``).
 """
 
 from __future__ import annotations
@@ -55,6 +24,8 @@ from busserve.router.strategy import Cluster, NoEngine, Request, strategy
 
 log = logging.getLogger(__name__)
 
+UNMEASURED_PREFILL_TOKENS_PER_S = 2000.0  # until an engine has measured its own: SmolLM2 on one CPU core's order
+
 
 @dataclass(frozen=True)
 class EngineLoad:
@@ -67,6 +38,7 @@ class EngineLoad:
     backlog: int  # prompt tokens queued for prefill
     decoding: int  # requests decoding
     cached: int  # tokens of this request's prompt in its prefix cache
+    prefill_rate: float = 0.0  # prompt tokens per second, as the engine measures it (0: not measured yet)
 
 
 @dataclass(frozen=True)
@@ -97,7 +69,7 @@ def sides(engines: Sequence[EngineLoad]) -> tuple[list[EngineLoad], list[EngineL
 
 
 def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_max: float = 0.3,
-         f_per_queued_s: float = 0.05, short_prompt: int = 256, prefill_tokens_per_s: float = 1000.0,
+         f_per_queued_s: float = 0.05, short_prompt: int = 256, prefill_tokens_per_s: float = 0.0,
          absorb_decoders: int = 3, absorb_queued_s: float = 0.5, memory_s: float = 10.0,
          short_wait_s: float = 0.5, prefill_chunk: int = 256, since_long_s: float = math.inf,
          since_short_s: float = math.inf) -> Plan:
@@ -109,6 +81,12 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
 
     def own(e: EngineLoad) -> int:
         return max(0, prompt_len - e.cached)
+
+    def rate(e: EngineLoad) -> float:
+        return prefill_tokens_per_s or e.prefill_rate or UNMEASURED_PREFILL_TOKENS_PER_S
+
+    def queued_s(e: EngineLoad) -> float:
+        return e.backlog / rate(e)
 
     def least_loaded(pool: list[EngineLoad]) -> EngineLoad:
         return min(pool, key=lambda e: (e.requests, own(e), e.id))
@@ -137,7 +115,7 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
         quiet = [p for p in prefill_side if p.id != d.id and p.decoding == 0]
         if d.decoding > 0 and own(d) > 1 and quiet:
             p = min(quiet, key=lambda e: (e.backlog, e.requests, e.id))
-            if p.backlog / prefill_tokens_per_s <= short_wait_s:
+            if queued_s(p) <= short_wait_s:
                 return Plan(p.id, d.id, prompt_len - 1, 0.0, short=True)
         return Plan(d.id, d.id, 0, 0.0, short=True)
     if whole and not split:
@@ -155,7 +133,6 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
     if not quiet and whole:
         return run_whole(whole)
     p = min(quiet or candidates, key=lambda e: (e.backlog + own(e), e.requests, e.id))
-    queued_s = p.backlog / prefill_tokens_per_s
     # A burst queues on the prefill side while the decode engine, with few decoders, has spare time: it takes the
     # whole prompt while its own prefill queue is at least ``absorb_queued_s`` shorter (join the shorter queue —
     # requiring an empty one let it take one prompt of a burst at a time). That stalls at most ``absorb_decoders``
@@ -166,13 +143,17 @@ def plan(prompt_len: int, engines: Sequence[EngineLoad], *, f: float = 0.1, f_ma
     # tail: their decoders have long answers ahead and make mixed's P99 (a tail of f ≤ 0.3 kept their TPOT p99 at
     # ~100 ms where PD's is ~85).
     chat = since_short_s < memory_s
-    ahead_s = (p.backlog - d.backlog) / prefill_tokens_per_s
-    if d.can_prefill and d.decoding <= absorb_decoders and ahead_s >= absorb_queued_s and not chat:
+    ahead_s = queued_s(p) - queued_s(d)
+    # Past ``absorb_decoders`` it still absorbs while the stall it causes there (each decoder waits for this prompt)
+    # is shorter than the wait it saves this request: a queue that keeps growing is never left to grow.
+    stall_s = d.decoding * own(d) / rate(d)
+    absorb = absorb_decoders >= 0 and (d.decoding <= absorb_decoders or stall_s < ahead_s)
+    if d.can_prefill and absorb and ahead_s >= absorb_queued_s and not chat:
         return Plan(d.id, d.id, 0, 0.0, chunk=prefill_chunk)
     # The prefill side's queue sets the balance factor: the longer it is, the more of each prompt the decode engine
     # takes, up to ``f_max`` — a fixed f either leaves the queue to grow at high load (PD's TTFT diverges at 80%)
     # or stalls decoders for nothing at low load.
-    factor = 0.0 if d.backlog > 0 or chat else min(max(f, f_max), f + f_per_queued_s * queued_s)
+    factor = 0.0 if d.backlog > 0 or chat else min(max(f, f_max), f + f_per_queued_s * queued_s(p))
     # What the decode engine already caches of [0, end) never travels (``disaggregate`` sends from its match on).
     return Plan(p.id, d.id, min(prompt_len - 1, math.floor((1 - factor) * prompt_len)), factor,
                 chunk=prefill_chunk if factor > 0 else 0)
@@ -190,7 +171,8 @@ def plan_remembering(prompt_len: int, engines: Sequence[EngineLoad], seen: dict[
 
 def _load(e: Engine, req: Request) -> EngineLoad:
     return EngineLoad(id=e.id, can_prefill="prefill" in e.roles, can_decode="decode" in e.roles, requests=e.load,
-                      backlog=e.prefill_backlog, decoding=e.decoding, cached=e.cached_prefix(req))
+                      backlog=e.prefill_backlog, decoding=e.decoding, cached=e.cached_prefix(req),
+                      prefill_rate=e.prefill_tokens_per_s)
 
 
 # When this router last served a short / long prompt, per model (``plan_remembering``'s ``seen``). Per process, so
@@ -201,7 +183,7 @@ _last_seen: dict[str, dict[bool, float]] = {}
 @strategy("adaptive")
 async def adaptive(req: Request, cluster: Cluster, *, f: float = 0.1, f_max: float = 0.3,
                    f_per_queued_s: float = 0.05, short_prompt: int = 256,
-                   prefill_tokens_per_s: float = 1000.0, absorb_decoders: int = 3,
+                   prefill_tokens_per_s: float = 0.0, absorb_decoders: int = 3,
                    absorb_queued_s: float = 0.5, memory_s: float = 10.0, short_wait_s: float = 0.5,
                    prefill_chunk: int = 256) -> None:
     for name, value in (("f", f), ("f_max", f_max)):
