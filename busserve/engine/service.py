@@ -75,6 +75,16 @@ from busserve.tokenization import RequestRejected, check_sampling, prompt_token_
 
 log = logging.getLogger(__name__)
 
+
+async def _bounded(stage: str, aw: Any, timeout_s: float) -> None:
+    """Await ``aw`` for at most ``timeout_s``; past that, or on an error, log which stage of the stop it was."""
+    try:
+        await asyncio.wait_for(aw, timeout=timeout_s)
+    except TimeoutError:
+        log.warning("engine stop: %s took over %gs; going on", stage, timeout_s)
+    except Exception as exc:
+        log.warning("engine stop: %s failed: %s", stage, exc)
+
 ACTION_TYPES: dict[str, type] = {
     "prep_recv": PrepRecv,
     "remote_send": RemoteSend,
@@ -214,22 +224,26 @@ class EngineService:
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        # Every stage is bounded: a stop that hangs (a bus call that never returns, a task that swallows its
+        # cancellation, as nats-py's flush can) would keep `busserve up` and its supervisor waiting.
         if self.nats_service is not None:
-            await self.bus.stop_serving(self.nats_service)
+            await _bounded("stop the NATS service", self.bus.stop_serving(self.nats_service), 5)
         if self.store is not None:
-            await self.store.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.core.stop)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._outbox.join(), timeout=5)
+            await _bounded("close the config store", self.store.close(), 5)
+        await _bounded("stop the compute loop",
+                       asyncio.get_running_loop().run_in_executor(None, self.core.stop), 40)
+        await _bounded("publish the last events", self._outbox.join(), 5)
         self.state = "stopped"
         with contextlib.suppress(Exception):
             await self.bus.publish(self.subjects.engines_status(), self.status())
             await self.bus.nc.flush(timeout=2)
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if self._tasks:
+            _, stuck = await asyncio.wait(list(self._tasks), timeout=5)
+            if stuck:
+                log.warning("engine %s: %d task(s) ignored their cancellation: %s", self.engine_id, len(stuck),
+                            ", ".join(t.get_name() for t in stuck))
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Take no new work and say so (``draining`` heartbeats: routers migrate our running requests to other
