@@ -115,8 +115,7 @@ class NatsService:
     # ------------------------------------------------------------------ endpoints
 
     def add_endpoint(self, name: str, subject: str, queue_group: str = "") -> Endpoint:
-        endpoint = self.endpoints.setdefault(name, Endpoint(name, subject, queue_group))
-        return endpoint
+        return self.endpoints.setdefault(name, Endpoint(name, subject, queue_group))
 
     def metered(self, handler: Handler, endpoint: str | Callable[[Msg], str]) -> Handler:
         """``handler`` counting into ``endpoint`` (a name, or a function of the message naming one: several
