@@ -154,14 +154,17 @@ class Grammars:
         self._ll_tokenizer()
         vocab = logits.shape[1]
         words = (self._ll.vocab_size + 31) // 32
-        bitmask = torch.zeros((len(rows), words), dtype=torch.int32)
+        # llguidance fills a host bitmask; it reaches the logits' device as one boolean copy.
+        bitmask = np.zeros((len(rows), words), dtype=np.int32)
         self._executor.unsafe_compute_mask_ptr([(matchers[i], j) for j, i in enumerate(rows)],
-                                               bitmask.data_ptr(), words * 4, len(rows))
-        allowed_np = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
-        allowed = torch.zeros((len(rows), vocab), dtype=torch.bool)
-        n = min(vocab, allowed_np.shape[1])
-        allowed[:, :n] = torch.from_numpy(allowed_np[:, :n]).bool()
-        index = torch.tensor(rows, dtype=torch.long)
+                                               bitmask.ctypes.data, words * 4, len(rows))
+        allowed_np = np.zeros((len(rows), vocab), dtype=np.bool_)
+        bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
+        n = min(vocab, bits.shape[1])
+        allowed_np[:, :n] = bits[:, :n]
+        dev = logits.device
+        allowed = torch.from_numpy(allowed_np).to(dev)
+        index = torch.tensor(rows, dtype=torch.long, device=dev)
         masked = logits[index].masked_fill(~allowed, float("-inf"))
         # Where penalties or min_tokens pushed every allowed token to -inf, the format wins: its tokens keep
         # their scores (a format that can only end must end even before min_tokens).

@@ -2,7 +2,7 @@
 
 The runner describes the step's decoding sequences once as a ``DecodeGroup`` (page table, context lengths); the
 backend turns that into what its kernel needs in ``prepare`` (once per step, not per layer) and attends in ``run``
-(once per layer). Prefill chunks always take the SDPA path in ``engine/attention.py``.
+(once per layer).
 
 * ``cpu`` — the CPU default where it can be built: busserve's C++ kernel (``cpu_kernels/paged_decode.cpp``, x86 with
   AVX-512, compiled for this machine on first use) reads K/V straight from the pages, each once.
@@ -13,7 +13,12 @@ backend turns that into what its kernel needs in ``prepare`` (once per step, not
   interpreter (``TRITON_INTERPRET=1``), which the tests use to prove the engine gives the same tokens through it.
 * ``flashinfer`` — flashinfer's ``BatchDecodeWithPagedKVCacheWrapper`` (CUDA only) over the same pages: our flat
   ``[slots, kv_heads, head_dim]`` layer view is flashinfer's NHD layout once viewed as
-  ``[pages, page_size, kv_heads, head_dim]``; ``flashinfer_page_metadata`` builds its CSR page table.
+  ``[pages, page_size, kv_heads, head_dim]``; ``flashinfer_page_metadata`` builds its CSR page table, on the host,
+  once per step, with the model's scale.
+
+Prefill chunks take the paged prefill kernel that goes with the decode backend (``prefill_backend_for``): Triton's
+(``triton_kernels/paged_prefill.py``) with ``triton``, flashinfer's batch prefill with ``flashinfer``; with the CPU
+backends they take SDPA per chunk in ``engine/attention.py``.
 
 ``select_backend`` picks one by name (``auto``: flashinfer on CUDA when installed, else triton on CUDA; on a CPU the
 ``cpu`` kernel when it builds here and supports the model's head size, else torch) and refuses a backend that cannot
@@ -29,6 +34,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +54,10 @@ class DecodeGroup:
     context_lens: torch.Tensor  # [B] positions attended to, the new token's included
     page_size: int
     max_len: int  # the longest context (read once per step, not per layer)
+    min_len: int = 0  # the shortest context (0: not known, treat the rows as of different lengths)
+    # The page table and lengths as the host built them (numpy), for plans made on the host without a device sync.
+    host_page_table: np.ndarray | None = None
+    host_context_lens: np.ndarray | None = None
     state: dict[str, Any] = field(default_factory=dict)  # what the backend's prepare() built for this step
 
     @property
@@ -81,7 +91,7 @@ class TorchDecode:
         pos = torch.arange(max_len, device=group.page_table.device)
         group.state["slots"] = context_slots(group)
         # Rows of one length (always so for a single sequence) need no mask.
-        if int(group.context_lens.min()) != max_len:
+        if group.min_len != max_len:
             mask = pos.unsqueeze(0) < group.context_lens.unsqueeze(1)
             group.state["mask"] = mask.view(group.size, 1, 1, max_len)
         else:
@@ -163,23 +173,144 @@ class FlashInferDecode:
     name = "flashinfer"
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, workspace_bytes: int = 128 << 20) -> None:
+                 device: torch.device, scale: float, workspace_bytes: int = 128 << 20) -> None:
         import flashinfer
 
         self.num_heads, self.num_kv_heads, self.head_dim, self.dtype = num_heads, num_kv_heads, head_dim, dtype
+        self.scale = scale  # planned once per step, so the model's scale is fixed here (checked in run)
         workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
 
     def prepare(self, group: DecodeGroup) -> None:
-        indptr, indices, last = flashinfer_page_metadata(group.page_table, group.context_lens, group.page_size)
+        indptr, indices, last = flashinfer_page_metadata(*_host_pages(group.page_table, group.host_page_table,
+                                                                      group.context_lens, group.host_context_lens),
+                                                         group.page_size)
         self.wrapper.plan(indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, group.page_size,
-                          pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype)
+                          pos_encoding_mode="NONE", sm_scale=self.scale, q_data_type=self.dtype,
+                          kv_data_type=self.dtype)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
             scale: float | None) -> torch.Tensor:
+        _check_planned_scale(self.scale, scale)
         paged = (k_cache.view(-1, group.page_size, *k_cache.shape[1:]),
                  v_cache.view(-1, group.page_size, *v_cache.shape[1:]))
-        return self.wrapper.run(q.contiguous(), paged)
+        out: torch.Tensor = self.wrapper.run(q.contiguous(), paged)
+        return out
+
+
+def _host_pages(table: torch.Tensor, host_table: np.ndarray | None, lens: torch.Tensor,
+                host_lens: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The page table and lengths on the host: flashinfer plans there (a device copy would be read back)."""
+    if host_table is not None and host_lens is not None:
+        return torch.from_numpy(host_table), torch.from_numpy(host_lens)
+    return table.cpu(), lens.cpu()
+
+
+def _check_planned_scale(planned: float, scale: float | None) -> None:
+    if scale is not None and not math.isclose(scale, planned, rel_tol=1e-6):
+        raise ValueError(f"attention scale {scale} differs from the {planned} the kernel was planned with")
+
+
+# ------------------------------------------------------------------ prefill
+
+
+@dataclass
+class PrefillGroup:
+    """The step's prefill chunks, for the paged prefill kernels (GPU): chunk c is rows ``q_starts[c] :
+    q_starts[c] + q_lens[c]`` of the flat step over the first ``ctx_lens[c]`` positions of its pages."""
+
+    q_starts: torch.Tensor  # [C]
+    q_lens: torch.Tensor  # [C]
+    ctx_lens: torch.Tensor  # [C]
+    page_table: torch.Tensor  # [C, max_pages]
+    rows: torch.Tensor  # [sum q_lens] the chunks' rows of the flat step, chunk after chunk
+    page_size: int
+    max_q_len: int
+    host_q_lens: np.ndarray
+    host_ctx_lens: np.ndarray
+    host_page_table: np.ndarray
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class PrefillBackend(Protocol):
+    name: str
+
+    def prepare(self, group: PrefillGroup) -> None:
+        """Once per step."""
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: PrefillGroup,
+            scale: float | None, out: torch.Tensor) -> None:
+        """``q`` and ``out``: the flat step [tokens, heads, head_dim]; writes the chunks' rows of ``out``."""
+
+
+class TritonPrefill:
+    name = "triton"
+
+    def __init__(self) -> None:
+        from busserve.triton_kernels.paged_prefill import paged_prefill
+
+        self._kernel = paged_prefill
+
+    def prepare(self, group: PrefillGroup) -> None:
+        group.state["table"] = group.page_table.to(torch.int32).contiguous()
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: PrefillGroup,
+            scale: float | None, out: torch.Tensor) -> None:
+        self._kernel(q, k_cache, v_cache, group.state["table"], group.q_starts, group.q_lens, group.ctx_lens,
+                     group.page_size, group.max_q_len, scale=scale, out=out)
+
+
+class FlashInferPrefill:
+    """flashinfer's ``BatchPrefillWithPagedKVCacheWrapper`` over the pool (causal masks in flashinfer align the
+    queries to the end of their context, as ours do)."""
+
+    name = "flashinfer"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, scale: float, workspace_bytes: int = 128 << 20) -> None:
+        import flashinfer
+
+        self.num_heads, self.num_kv_heads, self.head_dim, self.dtype = num_heads, num_kv_heads, head_dim, dtype
+        self.scale = scale
+        workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
+        self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+
+    def prepare(self, group: PrefillGroup) -> None:
+        qo_indptr = torch.zeros(len(group.host_q_lens) + 1, dtype=torch.int32)
+        qo_indptr[1:] = torch.from_numpy(np.cumsum(group.host_q_lens))
+        indptr, indices, last = flashinfer_page_metadata(torch.from_numpy(group.host_page_table),
+                                                         torch.from_numpy(group.host_ctx_lens), group.page_size)
+        self.wrapper.plan(qo_indptr, indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
+                          group.page_size, causal=True, pos_encoding_mode="NONE", sm_scale=self.scale,
+                          q_data_type=self.dtype, kv_data_type=self.dtype)
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: PrefillGroup,
+            scale: float | None, out: torch.Tensor) -> None:
+        _check_planned_scale(self.scale, scale)
+        paged = (k_cache.view(-1, group.page_size, *k_cache.shape[1:]),
+                 v_cache.view(-1, group.page_size, *v_cache.shape[1:]))
+        out[group.rows] = self.wrapper.run(q[group.rows].contiguous(), paged)
+
+
+def attention_scale(model: torch.nn.Module, head_dim: int) -> float:
+    """The softmax scale the model's attention layers pass (transformers keeps it as ``scaling`` on each
+    attention module); 1/sqrt(head_dim) for a model that keeps none."""
+    for m in model.modules():
+        scaling = getattr(m, "scaling", None)
+        if isinstance(scaling, float):
+            return float(scaling)
+    return float(head_dim) ** -0.5
+
+
+def prefill_backend_for(decode: DecodeBackend, *, num_heads: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype, device: torch.device, scale: float) -> PrefillBackend | None:
+    """The paged prefill kernel that goes with a decode backend: Triton's with ``triton``, flashinfer's with
+    ``flashinfer``; None (SDPA per chunk in ``engine/attention.py``) with the CPU backends."""
+    if decode.name == "triton":
+        return TritonPrefill()
+    if decode.name == "flashinfer":
+        return FlashInferPrefill(num_heads, num_kv_heads, head_dim, dtype, device, scale)
+    return None
 
 
 class BackendUnavailable(RuntimeError):
@@ -210,7 +341,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 
 
 def select_backend(name: str, device: torch.device, *, num_heads: int, num_kv_heads: int, head_dim: int,
-                   dtype: torch.dtype) -> DecodeBackend:
+                   dtype: torch.dtype, scale: float | None = None) -> DecodeBackend:
     if name == "auto":
         if device.type == "cuda":
             name = "flashinfer" if unavailable_reason("flashinfer", device) is None else "triton"
@@ -231,7 +362,8 @@ def select_backend(name: str, device: torch.device, *, num_heads: int, num_kv_he
     if name == "triton":
         return TritonDecode()
     if name == "flashinfer":
-        return FlashInferDecode(num_heads, num_kv_heads, head_dim, dtype, device)
+        return FlashInferDecode(num_heads, num_kv_heads, head_dim, dtype, device,
+                                scale if scale is not None else head_dim ** -0.5)
     return TorchDecode()
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from busserve.bus.codec import ContentType
-from busserve.engine.attention_backends import select_backend
+from busserve.engine.attention_backends import attention_scale, prefill_backend_for, select_backend
 from busserve.engine.detokenizer import Detokenizer
 from busserve.engine.logits_processing import LogitsSettings, Row
 from busserve.engine.logits_processing import process as process_logits
@@ -126,8 +126,12 @@ class EngineCore:
         device = next(loaded.model.parameters()).device
         # The attention backend and, in the deterministic mode, the model's layers are settled before the pool (a
         # /dev/shm segment) exists, so a refusal leaves nothing behind.
-        backend = select_backend(config.attention, device, num_heads=int(loaded.model.config.num_attention_heads),
-                                 num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=dtype)
+        heads = int(loaded.model.config.num_attention_heads)
+        scale = attention_scale(loaded.model, layout.head_dim)
+        backend = select_backend(config.attention, device, num_heads=heads, num_kv_heads=layout.num_kv_heads,
+                                 head_dim=layout.head_dim, dtype=dtype, scale=scale)
+        prefill_backend = prefill_backend_for(backend, num_heads=heads, num_kv_heads=layout.num_kv_heads,
+                                              head_dim=layout.head_dim, dtype=dtype, device=device, scale=scale)
         if config.deterministic:
             from busserve.engine.deterministic import make_batch_invariant
 
@@ -145,7 +149,7 @@ class EngineCore:
                             max_model_len=self.max_model_len),
             self.allocator, self.cache,
         )
-        self.runner = ModelRunner(loaded, self.kv, backend)
+        self.runner = ModelRunner(loaded, self.kv, backend, prefill_backend)
         self.runner.deterministic = config.deterministic
         self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self.transfer_executor = ThreadPoolExecutor(1, thread_name_prefix=f"kv-transfer-{config.engine_id}")
@@ -365,10 +369,7 @@ class EngineCore:
                             include_stop=sampling.include_stop_str_in_output)
         if streamed:
             detok.prime(streamed)
-        state = SamplingState.from_params(sampling)
-        if state.generator is not None and output_offset:
-            # A resumed seeded request draws from a stream of its own (the original engine's state is gone).
-            state.generator.manual_seed((sampling.seed or 0) + output_offset)
+        state = SamplingState.from_params(sampling, output_offset)
         ends = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.outputs.eos_token_ids))
         logits = LogitsSettings(presence_penalty=sampling.presence_penalty,
                                 frequency_penalty=sampling.frequency_penalty,

@@ -47,17 +47,17 @@ def process(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     if not todo:
         return logits
     out = logits.float().clone()
-    vocab = out.shape[-1]
+    vocab, dev = out.shape[-1], out.device
     for i in todo:
         s, ids = rows[i].settings, rows[i].token_ids
         row = out[i]
         output = ids[rows[i].output_start:]
         if s.repetition_penalty != 1.0 and ids:
-            seen = torch.tensor(sorted(set(ids)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(ids)), dtype=torch.long, device=dev)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / s.repetition_penalty, vals * s.repetition_penalty)
         if (s.presence_penalty or s.frequency_penalty) and output:
-            counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].float()
+            counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=dev), minlength=vocab)[:vocab].float()
             row -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).float()
         for tok, bias in s.logit_bias:
             if tok < vocab:
@@ -65,5 +65,5 @@ def process(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         if s.min_tokens and len(output) < s.min_tokens:
             ends = [t for t in s.end_token_ids if t < vocab]
             if ends:
-                row[torch.tensor(ends, dtype=torch.long)] = float("-inf")
+                row[torch.tensor(ends, dtype=torch.long, device=dev)] = float("-inf")
     return out

@@ -151,10 +151,9 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32, d
 
     if quantization not in quantized.MODES:
         raise ValueError(f"--quantization {quantization!r}: expected one of {', '.join(quantized.MODES)}")
-    if quantization != "none" and torch.device(device).type != "cpu":
-        if quantization != "auto":
-            raise ValueError(f"--quantization {quantization}: quantized weights run on the CPU here, not {device}")
-        quantization = "none"
+    kind = torch.device(device).type
+    if quantization != "none" and kind not in ("cpu", "cuda"):
+        raise ValueError(f"--quantization {quantization}: quantized weights run on CPUs and CUDA GPUs, not {device}")
     gguf = gguf_of(spec)
     if gguf is not None and quantization != "none":
         from busserve.engine.gguf_model import load_quantized, meta_dir
@@ -172,6 +171,7 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32, d
             quantize_linear_layers(model, 4 if quantization == "int4" else 8)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model.to(device)
+    quantized.move_to(model, torch.device(device))
     model.eval()
     model.requires_grad_(False)
     eos: set[int] = set()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -86,6 +86,23 @@ class QuantizedWeight:
             return torch.nn.functional.pad(t, (0, 0, 0, pad)).reshape(blocks, 16, -1).permute(0, 2, 1).contiguous()
 
         return QuantizedWeight(4, 32, packed, per_block(self.scales), per_block(self.mins), self.source, "x16", n)
+
+    def rows_layout(self) -> QuantizedWeight:
+        """The inverse of :meth:`interleaved`: this weight in the row layout (the padding rows dropped)."""
+        if self.layout == "rows":
+            return self
+        assert self.mins is not None
+        blocks, half_k, _ = self.qweight.shape
+        n = self.rows
+        values = torch.stack([self.qweight & 0xF, self.qweight >> 4], dim=-1)  # [blocks, K/2, 16, 2]
+        values = values.permute(0, 2, 1, 3).reshape(blocks * 16, half_k * 2)[:n]  # weight order
+        groups = values.reshape(n, -1, 2, 16)
+        packed = (groups[:, :, 0, :] | (groups[:, :, 1, :] << 4)).reshape(n, half_k).contiguous()
+
+        def per_row(t: torch.Tensor) -> torch.Tensor:
+            return t.permute(0, 2, 1).reshape(blocks * 16, -1)[:n].contiguous()
+
+        return QuantizedWeight(4, 32, packed, per_row(self.scales), per_row(self.mins), self.source)
 
     @property
     def nbytes(self) -> int:
@@ -302,6 +319,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_q
+        if x.device.type == "cuda" and w.layout == "rows":
+            from busserve.triton_kernels.quant_matmul import quant_matmul
+
+            out = quant_matmul(x.reshape(-1, self.in_features), w.bits, w.qweight, w.scales, w.mins, w.group,
+                               self.bias_value)
+            return out.view(*x.shape[:-1], self.out_features)
         if not self.use_kernel or x.device.type != "cpu" or (w.layout == "x16" and x.dtype != torch.bfloat16):
             return reference_linear(x, w, self.bias_value)
         flat = x.reshape(-1, self.in_features)
@@ -334,6 +357,25 @@ class QuantEmbedding(nn.Module):
         flat = ids.reshape(-1)
         rows = self.weight_q.take_rows(flat).dequantize(self.dtype)
         return rows.reshape(*ids.shape, self.embedding_dim)
+
+
+def move_to(model: nn.Module, device: torch.device) -> None:
+    """Move the quantized weights of ``model`` to ``device`` (``nn.Module.to`` does not see them: they are plain
+    attributes), keeping a weight shared by two modules (a tied embedding and output) one copy there too."""
+    if device.type == "cpu":
+        return
+    moved: dict[int, QuantizedWeight] = {}
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            key = id(m.weight_q)
+            if key not in moved:
+                w = m.weight_q.rows_layout()  # the x16 layout is the AVX-512 kernel's; the GPU kernel reads rows
+                moved[key] = replace(w, qweight=w.qweight.to(device), scales=w.scales.to(device),
+                                     mins=None if w.mins is None else w.mins.to(device))
+            m.weight_q = moved[key]
+        if isinstance(m, QuantLinear):
+            m.bias_value = None if m.bias_value is None else m.bias_value.to(device)
+            m.bias_f32 = None if m.bias_f32 is None else m.bias_f32.to(device)
 
 
 def quantized_bytes(model: nn.Module) -> int:

@@ -157,6 +157,9 @@ class KVStorage:
         self._k = [self.data[i, 0].view(slots, layout.num_kv_heads, layout.head_dim) for i in range(layout.num_layers)]
         self._v = [self.data[i, 1].view(slots, layout.num_kv_heads, layout.head_dim) for i in range(layout.num_layers)]
         self._np: list[tuple[np.ndarray, np.ndarray]] | None = None
+        # Transfers copy a host pool through numpy views of it, and stage a device pool's positions through host
+        # memory (read_positions / write_positions).
+        self.staged = self.data.device.type != "cpu"
 
     @classmethod
     def attach(cls, shm_name: str, layout: KVLayout) -> KVStorage:
@@ -176,6 +179,7 @@ class KVStorage:
         self._k = [self.data[i, 0].view(slots, layout.num_kv_heads, layout.head_dim) for i in range(layout.num_layers)]
         self._v = [self.data[i, 1].view(slots, layout.num_kv_heads, layout.head_dim) for i in range(layout.num_layers)]
         self._np = None
+        self.staged = False
         return self
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +195,74 @@ class KVStorage:
             self._np = [(as_numpy(k).reshape(shape), as_numpy(v).reshape(shape))
                         for k, v in zip(self._k, self._v, strict=True)]
         return self._np[layer]
+
+    def read_positions(self, layer: int, pages: list[int], begin: int, end: int, start: int = 0) -> np.ndarray:
+        """K then V of positions ``[begin, end)`` of a sequence whose page table ``pages`` starts at position
+        ``start``, as one host array ``[2, n, heads, dim]`` (16-bit floats as raw 16-bit words).
+
+        A host pool copies page span by page span from its numpy views. A device pool gathers the slots into one
+        contiguous device buffer (busserve's Triton pack kernel on CUDA, ``index_select`` elsewhere) and copies it
+        into pinned host memory once; it runs on the device's current stream, after the layer's K/V were written.
+        """
+        lay = self.layout
+        if not self.staged:
+            k, v = self.layer_kv_np(layer)
+            ps = lay.page_size
+            buf = np.empty((2, end - begin, lay.num_kv_heads, lay.head_dim), dtype=k.dtype)
+            for p, lo, hi in page_spans(begin, end, ps):
+                r, page = p - begin, pages[(p - start) // ps]
+                buf[0, r : r + hi - lo] = k[page, lo:hi]
+                buf[1, r : r + hi - lo] = v[page, lo:hi]
+            return buf
+        dev = self.data.device
+        slots = self._slots_on_device(pages, begin, end, start)
+        k_cache, v_cache = self.layer_kv(layer)
+        if dev.type == "cuda":
+            from busserve.triton_kernels.kv_pages import pack_kv
+
+            packed = pack_kv(k_cache, v_cache, slots)
+        else:
+            packed = torch.stack([k_cache.index_select(0, slots), v_cache.index_select(0, slots)])
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=dev.type == "cuda")
+        host.copy_(packed)  # waits for the device (a copy into host memory always does)
+        return as_numpy(host)
+
+    def write_positions(self, layer: int, pages: list[int], begin: int, end: int, data: np.ndarray,
+                        start: int = 0) -> None:
+        """Write ``data`` (``[2, n, heads, dim]`` as :meth:`read_positions` returns it) at positions
+        ``[begin, end)`` of a sequence whose page table ``pages`` starts at position ``start``."""
+        lay = self.layout
+        if not self.staged:
+            k, v = self.layer_kv_np(layer)
+            ps = lay.page_size
+            for p, lo, hi in page_spans(begin, end, ps):
+                page, r = pages[(p - start) // ps], p - begin
+                k[page, lo:hi] = data[0, r : r + hi - lo]
+                v[page, lo:hi] = data[1, r : r + hi - lo]
+            return
+        dev = self.data.device
+        host = torch.from_numpy(np.ascontiguousarray(data))
+        if lay.dtype in (torch.bfloat16, torch.float16):
+            host = host.view(lay.dtype)
+        if dev.type == "cuda":
+            host = host.pin_memory()
+        buf = host.to(dev, non_blocking=True)
+        slots = self._slots_on_device(pages, begin, end, start)
+        k_cache, v_cache = self.layer_kv(layer)
+        if dev.type == "cuda":
+            from busserve.triton_kernels.kv_pages import unpack_kv
+
+            unpack_kv(buf, k_cache, v_cache, slots)
+            torch.cuda.current_stream(dev).synchronize()  # landed before the commit is answered
+        else:
+            k_cache.index_copy_(0, slots, buf[0])
+            v_cache.index_copy_(0, slots, buf[1])
+
+    def _slots_on_device(self, pages: list[int], begin: int, end: int, start: int) -> torch.Tensor:
+        rel = np.arange(begin - start, end - start, dtype=np.int64)
+        ps = self.layout.page_size
+        slots = np.asarray(pages, dtype=np.int64)[rel // ps] * ps + rel % ps
+        return torch.from_numpy(slots).to(self.data.device)
 
     def close(self) -> None:
         """Unlink the shared-memory file if this pool created it (mapped pages stay valid until released)."""

@@ -110,10 +110,18 @@ def test_engine_gives_the_same_tokens_through_each_backend(tiny: LoadedModel, ot
     for name in ("torch", other):
         with running_core(tiny, attention=name, max_batch_tokens=32) as h:
             assert h.core.runner.decode_backend.name == name
-            rids = [h.submit(ids, greedy(12)) for ids in prompts]  # batched, of different lengths
+            prefill = h.core.runner.prefill_backend
+            assert (prefill.name if prefill is not None else None) == ("triton" if name == "triton" else None)
+            # Batched, of different lengths; the 40-token prompt is chunked under the 32-token budget, so its second
+            # chunk attends over pages written by the first.
+            rids = [h.submit(ids, greedy(12)) for ids in prompts]
             outputs[name] = [h.tokens(r) for r in rids]
+            # A prefix-cache hit: the prompt's cached pages and its new tail in one paged prefill chunk.
+            hit = h.submit(prompts[2] + [7, 8, 9], greedy(6))
+            outputs[name].append(h.tokens(hit))
+            assert h.wait(hit)[-1].usage.cached_tokens >= 32
     assert outputs[other] == outputs["torch"]
-    assert all(len(t) == 12 for t in outputs["torch"])
+    assert [len(t) for t in outputs["torch"]] == [12, 12, 12, 6]
 
 
 @needs_cpu_kernel

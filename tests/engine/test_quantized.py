@@ -318,3 +318,21 @@ def test_default_model_q4_1_agrees_with_its_fp32_dequantization(smol_q4: LoadedM
     got, want = _logits(smol_q4, ids), _logits(smol, ids)
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     assert agree >= 0.9, agree
+
+
+def test_rows_layout_undoes_the_x16_interleave() -> None:
+    w = _weight(4, 37, 96)  # 37 outputs: the x16 layout pads them to 48
+    back = w.interleaved().rows_layout()
+    assert back.layout == "rows" and back.out_features == 37
+    for a, b in [(w.qweight, back.qweight), (w.scales, back.scales), (w.mins, back.mins)]:
+        assert b is not None and torch.equal(a, b)
+
+
+def test_moving_to_a_device_keeps_a_tied_weight_one_copy_in_the_row_layout() -> None:
+    w = _weight(4, 32, 64).interleaved()
+    linear = quantized.QuantLinear(w, bias=torch.zeros(32), use_kernel=False)
+    model = torch.nn.ModuleDict({"embed": quantized.QuantEmbedding(w, torch.float32), "head": linear})
+    quantized.move_to(model, torch.device("meta"))  # any non-CPU device takes the GPU kernel's layout
+    moved = model["head"].weight_q
+    assert moved is model["embed"].weight_q and moved.layout == "rows" and moved.out_features == 32
+    assert {t.device.type for t in (moved.qweight, moved.scales, moved.mins, linear.bias_value)} == {"meta"}

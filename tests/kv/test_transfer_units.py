@@ -99,3 +99,33 @@ def test_shm_to_another_host_is_refused() -> None:
             ShmTransport(src, ex).open_writer(_addr([1], 0, 4, handle="busserve-kv-R-elsewhere"), src)
     finally:
         src.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("begin", "end"), [(0, 13), (5, 6), (6, 16)])
+def test_staged_reads_and_writes_match_the_host_views(dtype: torch.dtype, begin: int, end: int) -> None:
+    """A device pool's transfers stage positions through host memory (read_positions / write_positions with
+    ``staged``); on a CPU pool both ways must give the same bytes and land them in the same slots."""
+    layout = KVLayout(num_layers=2, num_pages=16, page_size=4, num_kv_heads=2, head_dim=8, dtype=dtype)
+    pools = {staged: KVStorage(layout) for staged in (False, True)}
+    pages, start = [9, 2, 14, 5], 0
+    dst_pages, dst_start = [3, 11, 7, 12], begin - begin % 4
+    for staged, pool in pools.items():
+        pool.data.copy_(torch.randn(layout.shape, generator=torch.Generator().manual_seed(5)).to(dtype))
+        pool.staged = staged
+    reads = {staged: pool.read_positions(1, pages, begin, end, start) for staged, pool in pools.items()}
+    assert reads[False].shape == (2, end - begin, 2, 8) and (reads[False] == reads[True]).all()
+    want = torch.stack([pools[False].layer_kv(1)[i][[pages[p // 4] * 4 + p % 4 for p in range(begin, end)]]
+                        for i in (0, 1)])
+    got = torch.from_numpy(reads[True])
+    assert torch.equal(got.view(dtype) if dtype != torch.float32 else got, want)
+    for staged, pool in pools.items():
+        before = pool.data.clone()
+        pool.write_positions(0, dst_pages, begin, end, reads[staged], start=dst_start)
+        slots = [dst_pages[(p - dst_start) // 4] * 4 + p % 4 for p in range(begin, end)]
+        k, v = pool.layer_kv(0)
+        assert torch.equal(k[slots], want[0]) and torch.equal(v[slots], want[1])
+        written = torch.zeros(layout.shape, dtype=torch.bool)
+        for p in range(begin, end):
+            written[0, :, dst_pages[(p - dst_start) // 4], p % 4] = True
+        assert torch.equal(pool.data[~written], before[~written])

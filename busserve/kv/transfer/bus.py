@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from busserve.bus.client import Bus
-from busserve.kv.storage import KVStorage, np_dtype, page_spans
+from busserve.kv.storage import KVStorage, np_dtype
 from busserve.kv.transfer.base import KVTransport, KVWriter, TransferError, check_compatible, check_range
 from busserve.messages import KVAddress, KVChunk, KVCommit, KVCommitReply
 
@@ -29,17 +29,6 @@ CHUNK_OVERHEAD_BYTES = 4096
 # (Measured on loopback with a 92 MB context: 256 KiB 0.36, 1 MiB 0.40, 8 MB 0.44 GB/s.)
 DEFAULT_CHUNK_BYTES = int(os.environ.get("BUSSERVE_KV_CHUNK_BYTES", str(4 << 20)))
 PUBLISH_TIMEOUT_S = 30.0
-
-
-def _pack(k: np.ndarray, v: np.ndarray, pages: list[int], begin: int, end: int) -> memoryview:
-    """K then V of positions ``[begin, end)`` (held in ``pages``) as one contiguous ``[2, n, heads, dim]`` buffer."""
-    ps = k.shape[1]
-    buf = np.empty((2, end - begin, *k.shape[2:]), dtype=k.dtype)
-    for p, lo, hi in page_spans(begin, end, ps):
-        r = p - begin
-        buf[0, r : r + hi - lo] = k[pages[p // ps], lo:hi]
-        buf[1, r : r + hi - lo] = v[pages[p // ps], lo:hi]
-    return buf.data
 
 
 class BusWriter(KVWriter):
@@ -62,11 +51,10 @@ class BusWriter(KVWriter):
 
     def _write(self, layer: int, src_pages: list[int], begin: int, end: int) -> int:
         check_range(self.addr, begin, end)  # validate before sending anything
-        sk, sv = self.src.layer_kv_np(layer)
         total = 0
         for a in range(begin, end, self.tokens_per_chunk):
             b = min(end, a + self.tokens_per_chunk)
-            data = _pack(sk, sv, src_pages, a, b)
+            data = self.src.read_positions(layer, src_pages, a, b).data
             self._send(KVChunk(request_id=self.addr.request_id, layer=layer, begin=a, end=b,
                                data=data))  # type: ignore[arg-type]  # msgspec encodes any buffer as bin
             self.chunks += 1
@@ -144,12 +132,7 @@ class LandingZones:
             addr = zone.addr
             check_range(addr, chunk.begin, chunk.end)
             both = np.frombuffer(chunk.data, dtype=np_dtype(lay.dtype)).reshape(2, n, lay.num_kv_heads, lay.head_dim)
-            k, v = self.storage.layer_kv_np(chunk.layer)
-            ps = lay.page_size
-            for p, lo, hi in page_spans(chunk.begin, chunk.end, ps):
-                page, r = addr.pages[(p - addr.start) // ps], p - chunk.begin
-                k[page, lo:hi] = both[0, r : r + hi - lo]
-                v[page, lo:hi] = both[1, r : r + hi - lo]
+            self.storage.write_positions(chunk.layer, addr.pages, chunk.begin, chunk.end, both, start=addr.start)
             zone.chunks += 1
             zone.bytes += len(chunk.data)
 
