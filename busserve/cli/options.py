@@ -83,7 +83,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM the engine drains: its running requests migrate to other engines; it stops once "
                         "it holds none, or after this long (what is left is resumed elsewhere by recompute)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    g.add_argument("--transport", action="append", default=[], choices=["shm", "bus", "nvshmem", "mooncake"],
+    g.add_argument("--transport", action="append", default=[], choices=["shm", "bus", "nvshmem", "mooncake", "cuda_ipc"],
                    help="KV transports to offer (default: shm and bus)")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     g.add_argument("--attention", default="auto", choices=["auto", "cpu", "torch", "triton", "flashinfer"],
@@ -98,6 +98,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "are (Q4_0/Q4_1/Q4_K as int4, Q8_0/Q6_K as int8, dequantized in registers by busserve's "
                         "AVX-512 kernel), other models dense; none = dense in --dtype (a GGUF dequantized once into "
                         "the cache); int4/int8 = every linear layer in that layout")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="GPU engines: decode eagerly instead of replaying the decode steps captured as CUDA graphs "
+                        "at start (triton attention)")
     g.add_argument("--deterministic", action="store_true",
                    help="batch-invariant kernels and attention: a request's greedy tokens are the same bits whatever "
                         "shares its batches, however its prompt is chunked, wherever its prefix was computed (needs "

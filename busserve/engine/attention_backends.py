@@ -299,7 +299,7 @@ def attention_scale(model: torch.nn.Module, head_dim: int) -> float:
         scaling = getattr(m, "scaling", None)
         if isinstance(scaling, float):
             return float(scaling)
-    return float(head_dim) ** -0.5
+    return 1.0 / math.sqrt(head_dim)
 
 
 def prefill_backend_for(decode: DecodeBackend, *, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -363,7 +363,7 @@ def select_backend(name: str, device: torch.device, *, num_heads: int, num_kv_he
         return TritonDecode()
     if name == "flashinfer":
         return FlashInferDecode(num_heads, num_kv_heads, head_dim, dtype, device,
-                                scale if scale is not None else head_dim ** -0.5)
+                                scale if scale is not None else 1.0 / math.sqrt(head_dim))
     return TorchDecode()
 
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from busserve.bus.codec import ContentType
-from busserve.engine.attention_backends import attention_scale, prefill_backend_for, select_backend
+from busserve.engine.attention_backends import DecodeBackend, attention_scale, prefill_backend_for, select_backend
+from busserve.engine.decode_graphs import DecodeGraphs
 from busserve.engine.detokenizer import Detokenizer
 from busserve.engine.logits_processing import LogitsSettings, Row
 from busserve.engine.logits_processing import process as process_logits
@@ -87,6 +88,7 @@ class EngineConfig:
     heartbeat_s: float = 1.0
     # Batch-invariant kernels and attention (engine/deterministic.py): the same greedy tokens whatever the batch.
     deterministic: bool = False
+    cuda_graphs: bool = True  # GPU engines with the triton backend: decode steps as CUDA graphs (decode_graphs.py)
 
 
 @dataclass
@@ -150,6 +152,8 @@ class EngineCore:
             self.allocator, self.cache,
         )
         self.runner = ModelRunner(loaded, self.kv, backend, prefill_backend)
+        if config.cuda_graphs and device.type == "cuda" and backend.name == "triton" and not config.deterministic:
+            self.runner.graphs = self._capture_decode_graphs(backend)
         self.runner.deterministic = config.deterministic
         self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self.transfer_executor = ThreadPoolExecutor(1, thread_name_prefix=f"kv-transfer-{config.engine_id}")
@@ -171,6 +175,18 @@ class EngineCore:
 
     def submit(self, cmd: Command) -> None:
         self.inbox.put(cmd)
+
+    def _capture_decode_graphs(self, backend: DecodeBackend) -> DecodeGraphs | None:
+        """The decode steps' CUDA graphs, or None (eager steps) if capturing fails — logged, never fatal."""
+        ps = self.config.page_size
+        graphs = DecodeGraphs(self.loaded.model, self.kv, backend, ps, max_batch=self.config.max_running,
+                              max_pages=-(-self.max_model_len // ps), device=self.runner.device)
+        try:
+            graphs.capture()
+        except Exception:
+            log.exception("capturing decode steps as CUDA graphs failed; this engine decodes eagerly")
+            return None
+        return graphs
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name=f"engine-{self.engine_id}", daemon=True)

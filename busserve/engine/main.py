@@ -62,6 +62,7 @@ class EngineOptions:
     linear: str = "auto"
     quantization: str = "none"
     deterministic: bool = False
+    cuda_graphs: bool = True
     drain_grace_s: float = 60.0
 
 
@@ -90,7 +91,7 @@ def build_core(opts: EngineOptions, loaded: LoadedModel | None = None) -> Engine
         max_running=opts.max_running, max_model_len=opts.max_model_len, max_queued=opts.max_queued,
         transports=list(opts.transports),
         shm_kv="shm" in opts.transports and opts.device == "cpu", attention=opts.attention,
-        deterministic=opts.deterministic,
+        deterministic=opts.deterministic, cuda_graphs=opts.cuda_graphs,
     )
     return EngineCore(config, loaded, emit=lambda outs: None)
 
@@ -152,11 +153,12 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         page_size=args.page_size, kv_pages=args.kv_pages, kv_memory=args.kv_memory,
         max_batch_tokens=args.max_batch_tokens, max_prefill_tokens=args.max_prefill_tokens,
         max_running=args.max_running, max_model_len=args.max_model_len, max_queued=args.max_queued,
-        threads=args.threads, transports=tuple(args.transport or ("shm", "bus")),
+        threads=args.threads,
+        transports=tuple(args.transport or (("cuda_ipc", "bus") if args.device.startswith("cuda") else ("shm", "bus"))),
         roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()), metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         attention=args.attention, linear=args.linear, quantization=args.quantization,
-        deterministic=args.deterministic, drain_grace_s=args.drain_grace_s,
+        deterministic=args.deterministic, cuda_graphs=args.cuda_graphs, drain_grace_s=args.drain_grace_s,
     )
 
 

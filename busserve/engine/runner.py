@@ -21,6 +21,7 @@ import torch
 
 from busserve.engine.attention import AttentionMetadata, PrefillChunk
 from busserve.engine.attention_backends import DecodeBackend, DecodeGroup, PrefillBackend, PrefillGroup, TorchDecode
+from busserve.engine.decode_graphs import DecodeGraphs
 from busserve.engine.model_loader import LoadedModel
 from busserve.engine.scheduler import Batch
 from busserve.engine.sequence import Sequence
@@ -93,6 +94,7 @@ class ModelRunner:
         self.page_size = kv.layout.page_size
         self.device = next(self.model.parameters()).device
         self.staging = StepStaging(self.device)
+        self.graphs: DecodeGraphs | None = None  # pure decode steps over static buffers (engine/decode_graphs.py)
         self.vocab_size = int(self.model.config.vocab_size)
 
     def _slots(self, pages: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -183,6 +185,8 @@ class ModelRunner:
     def run(self, batch: Batch, sample: list[Sequence], layer_hook: Callable[[int], None] | None = None
             ) -> torch.Tensor:
         """Forward the batch; logits ``[len(sample), vocab]`` for the sequences in ``sample`` (in that order)."""
+        if self.graphs is not None and self.graphs.eligible(batch, sample, layer_hook):
+            return self.graphs.run(batch)
         ids, pos, keep, meta = self.build_metadata(batch, sample, layer_hook)
         out = self.model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
                          logits_to_keep=keep, busserve_attn=meta)

@@ -162,6 +162,11 @@ class EngineService:
             host = os.environ.get("BUSSERVE_MOONCAKE_HOST") or reachable_address([url.geturl()] if url else [])
             self.core.transports["mooncake"] = MooncakeTransport(self.core.kv, self.core.transfer_executor,
                                                                  self.bus, self.loop, host)
+        if "cuda_ipc" in self.core.config.transports and self.core.kv.data.device.type == "cuda":
+            from busserve.kv.transfer.cuda_ipc import CudaIpcTransport
+
+            self.core.transports["cuda_ipc"] = CudaIpcTransport(self.core.kv, self.core.transfer_executor, self.bus,
+                                                                self.loop)
         if "nvshmem" in self.core.config.transports:
             require_nvshmem()  # asked for explicitly: refuse to start rather than silently fall back
         self._tasks.append(asyncio.create_task(self._publisher(), name="engine-publisher"))

@@ -182,6 +182,22 @@ class KVStorage:
         self.staged = False
         return self
 
+    @classmethod
+    def over(cls, data: torch.Tensor, layout: KVLayout) -> KVStorage:
+        """Another engine's pool, opened as ``data`` (the ``cuda_ipc`` transport's sender side); not ours to free."""
+        if tuple(data.shape) != tuple(layout.shape) or data.dtype != layout.dtype:
+            raise ValueError(f"a pool of layout {layout.shape} {layout.dtype} cannot be {tuple(data.shape)} "
+                             f"{data.dtype}")
+        self = cls.__new__(cls)
+        self.layout, self.shm_name, self._shm_path, self._mm = layout, None, None, None
+        self.data = data
+        slots = layout.num_pages * layout.page_size
+        self._k = [data[i, 0].view(slots, layout.num_kv_heads, layout.head_dim) for i in range(layout.num_layers)]
+        self._v = [data[i, 1].view(slots, layout.num_kv_heads, layout.head_dim) for i in range(layout.num_layers)]
+        self._np = None
+        self.staged = data.device.type != "cpu"
+        return self
+
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._k[layer], self._v[layer]
 

@@ -89,6 +89,8 @@ def engine_command(args: argparse.Namespace, engine_id: str, threads: int, roles
         cmd += ["--transport", t]
     if args.deterministic:
         cmd.append("--deterministic")
+    if not getattr(args, "cuda_graphs", True):
+        cmd.append("--no-cuda-graphs")
     return cmd
 
 

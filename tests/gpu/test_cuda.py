@@ -44,6 +44,43 @@ def test_engine_on_cuda_gives_the_cpu_reference_greedy_tokens(cuda_tiny: LoadedM
     assert_greedy_equal(cpu_reference, _prompts(cuda_tiny)[2], got_hit, got[2])
 
 
+def test_the_nvshmem_transport_is_refused_until_its_writer_exists() -> None:
+    from busserve.kv.transfer.nvshmem import TransportUnavailable, require_nvshmem
+
+    with pytest.raises(TransportUnavailable, match="nvshmem transport is unavailable"):
+        require_nvshmem()
+
+
+def test_cuda_graphs_on_and_off_give_the_same_tokens(cuda_tiny: LoadedModel) -> None:
+    outputs = {}
+    for graphs in (False, True):
+        with running_core(cuda_tiny, attention="triton", cuda_graphs=graphs, max_running=16) as h:
+            captured = h.core.runner.graphs
+            assert (captured is not None and len(captured.graphs) == len(captured.buckets)) == graphs
+            # Five requests finishing at different steps: decode batches of 5, 4, 3, 2, 1 rows, padded to buckets.
+            rids = [h.submit(ids, greedy(n)) for ids, n in zip(_prompts(cuda_tiny) * 2, (9, 14, 6, 12, 10),
+                                                               strict=False)]
+            outputs[graphs] = [h.tokens(r) for r in rids]
+            if graphs:
+                assert captured is not None and captured.replays > 0
+    assert outputs[True] == outputs[False]
+
+
+def test_smollm2_on_cuda_gives_the_cpu_reference_greedy_tokens(smol_gguf: Path) -> None:
+    """The real default model in bf16 on the GPU against fp32 on the CPU, within the near-tie rule."""
+    cpu = load_model(str(smol_gguf), dtype=torch.float32)
+    gpu = load_model(str(smol_gguf), dtype=torch.bfloat16, device="cuda")
+    tok = cpu.tokenizer
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   add_generation_prompt=True, tokenize=False)
+    prompts = [list(tok(chat, add_special_tokens=False)["input_ids"]), *_prompts(cpu)]
+    with running_core(gpu) as h:
+        got = [h.tokens(h.submit(ids, greedy(20))) for ids in prompts]
+    assert "Paris" in tok.decode(got[0])
+    for ids, tokens in zip(prompts, got, strict=True):
+        assert_greedy_equal(cpu, ids, tokens, reference_greedy(cpu, ids, 20))
+
+
 @pytest.mark.parametrize("attention", ["triton", "flashinfer"])
 def test_attention_backends_give_the_same_tokens(cuda_tiny: LoadedModel, attention: str) -> None:
     if attention == "flashinfer" and importlib.util.find_spec("flashinfer") is None:
@@ -127,24 +164,27 @@ def gpu_pair(gpu_tiny_dir: Path) -> Iterator[ProcessCluster]:
     with ProcessCluster() as cluster:
         for eid in ("GA", "GB"):
             cluster.start_engine(eid, "--model", str(gpu_tiny_dir), "--device", "cuda", "--dtype", "bfloat16",
-                                 "--kv-pages", "1024", "--transport", "bus")
+                                 "--kv-pages", "1024", "--transport", "cuda_ipc", "--transport", "bus")
         cluster.wait_engines({"GA", "GB"})
         yield cluster
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("transport", ["cuda_ipc", "bus"])
 @pytest.mark.parametrize("name", ["pd", "balanced_pd_0.5", "migrate"])
 async def test_two_gpu_engines_compose_into_the_one_engine_tokens(gpu_pair: ProcessCluster, cuda_tiny: LoadedModel,
-                                                                  cpu_reference: LoadedModel, name: str) -> None:
+                                                                  cpu_reference: LoadedModel, name: str,
+                                                                  transport: str) -> None:
     from tests.kv.test_transfer_e2e import PATTERNS, one_engine, prompt_of, run_pattern
 
     bus = await Bus.connect(gpu_pair.bus_config(), name="gpu-test")
     try:
         view = await live_view(bus, {"GA", "GB"})
-        prompt = prompt_of(cuda_tiny, 300, seed=len(name))
+        prompt = prompt_of(cuda_tiny, 300, seed=len(name) * 7 + len(transport))
         want = await one_engine(bus, "GA", prompt)  # GA now holds the prompt in its cache (the migration source)
         await asyncio.sleep(0.3)  # KV events reach the view
-        got, sent = await run_pattern(bus, PATTERNS[name], view.get("GA"), view.get("GB"), prompt, "bus")
+        assert {"cuda_ipc", "bus"} <= set(view.get("GB").status.transports)
+        got, sent = await run_pattern(bus, PATTERNS[name], view.get("GA"), view.get("GB"), prompt, transport)
         assert sent is not None and sent.bytes_sent > 0
         # GPU bf16 on both sides: the composition may only differ from one engine at a near-tie.
         assert_greedy_equal(cpu_reference, prompt, got, want)

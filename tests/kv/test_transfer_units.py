@@ -129,3 +129,34 @@ def test_staged_reads_and_writes_match_the_host_views(dtype: torch.dtype, begin:
         for p in range(begin, end):
             written[0, :, dst_pages[(p - dst_start) // 4], p % 4] = True
         assert torch.equal(pool.data[~written], before[~written])
+
+
+def test_cuda_ipc_handles_are_checked_field_by_field() -> None:
+    """A handle comes from another process: it is parsed as plain JSON fields, each checked, never unpickled."""
+    import base64
+    import json
+
+    from busserve.kv.transfer.cuda_ipc import HANDLE_VERSION, parse_handle
+
+    good = {"v": HANDLE_VERSION, "device": 0, "size": LAYOUT.nbytes, "offset": 0, "ref_counter_offset": 0,
+            "event_sync_required": True, "handle": base64.b64encode(b"h" * 64).decode(),
+            "ref_counter_handle": base64.b64encode(b"/torch_1_2").decode(), "event_handle": "",
+            "storage_offset": 0, "nbytes": LAYOUT.nbytes}
+    parsed = parse_handle(json.dumps(good), LAYOUT)
+    assert parsed["handle"] == b"h" * 64 and parsed["ref_counter_handle"] == b"/torch_1_2"
+    for change, why in [({"v": 9}, "unknown version"), ({"device": -1}, "'device' must be a non-negative"),
+                        ({"size": "big"}, "'size' must be"), ({"event_sync_required": 1}, "true or false"),
+                        ({"handle": "not base64!"}, "'handle' is not base64"),
+                        ({"nbytes": 4}, "the address's layout needs"),
+                        ({"size": LAYOUT.nbytes - 4}, "smaller than the pool")]:
+        with pytest.raises(TransferError, match=why):
+            parse_handle(json.dumps({**good, **change}), LAYOUT)
+    with pytest.raises(TransferError, match="not JSON"):
+        parse_handle("\x80pickle", LAYOUT)
+
+
+def test_cuda_ipc_is_for_cuda_pools() -> None:
+    from busserve.kv.transfer.cuda_ipc import CudaIpcTransport
+
+    with pytest.raises(ValueError, match="between CUDA pools"):
+        CudaIpcTransport(KVStorage(LAYOUT), ThreadPoolExecutor(1), None, None)  # type: ignore[arg-type]

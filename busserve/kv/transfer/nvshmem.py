@@ -7,8 +7,9 @@ Shape of the transport (the same interface as ``shm`` and ``bus``):
     non-blocking put per layer on a side stream as soon as that layer is computed, and fences with ``quiet``
     before remote_send replies — so everything has landed when the reply leaves.
 
-This module decides availability and refuses clearly where the transport cannot run (no CUDA device, nvshmem4py
-missing). The GPU writer lives with the GPU engine path.
+What exists today is the bootstrap (``nvshmem_bootstrap.py``) and this availability check; the writer does not.
+So an engine asked for ``--transport nvshmem`` refuses to start, naming why — the transport is never silently
+absent. GPU engines move KV over ``bus`` meanwhile (a device pool staged through pinned host memory).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def unavailable_reason() -> str | None:
     return None
 
 
+NOT_BUILT = ("its KV writer is not built yet (only the unique-id bootstrap is); GPU engines move KV over "
+             "--transport bus, staged through pinned host memory")
+
+
 def require_nvshmem() -> None:
-    reason = unavailable_reason()
-    if reason is not None:
-        raise TransportUnavailable(f"the nvshmem transport is unavailable: {reason}")
+    """Refuse an engine that asks for the transport: why it cannot run here, or that it is not built."""
+    raise TransportUnavailable(f"the nvshmem transport is unavailable: {unavailable_reason() or NOT_BUILT}")
