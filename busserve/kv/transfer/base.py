@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from busserve.kv.storage import KVStorage, dtype_name, page_spans
+from busserve.kv.storage import DTYPES, KVLayout, KVStorage, dtype_name, page_spans
 from busserve.messages import KVAddress, KVCommit, Transport
 
 if TYPE_CHECKING:
@@ -65,6 +65,12 @@ def check_address(addr: KVAddress) -> None:
     bad = [p for p in addr.pages if not 0 <= p < addr.pool_pages]
     if bad:
         raise TransferError(f"kv_addr pages {bad[:4]} are outside the receiver's pool of {addr.pool_pages} pages")
+
+
+def receiver_layout(addr: KVAddress) -> KVLayout:
+    """The layout of the receiver's whole pool, as its address describes it (what a one-sided writer maps)."""
+    return KVLayout(num_layers=addr.num_layers, num_pages=addr.pool_pages, page_size=addr.page_size,
+                    num_kv_heads=addr.num_kv_heads, head_dim=addr.head_dim, dtype=DTYPES[addr.dtype])
 
 
 def check_range(addr: KVAddress, begin: int, end: int) -> None:

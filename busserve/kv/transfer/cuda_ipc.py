@@ -23,13 +23,14 @@ import numpy as np
 import torch
 
 from busserve.bus.client import Bus
-from busserve.kv.storage import DTYPES, KVLayout, KVStorage
+from busserve.kv.storage import KVLayout, KVStorage
 from busserve.kv.transfer.base import (
     KVTransport,
     KVWriter,
     TransferError,
     check_compatible,
     check_range,
+    receiver_layout,
     tell_writes_over,
 )
 from busserve.messages import KVAddress
@@ -148,8 +149,7 @@ class CudaIpcTransport(KVTransport):
         with self._lock:
             pool = self._mapped.get(addr.handle)
             if pool is None:
-                layout = KVLayout(num_layers=addr.num_layers, num_pages=addr.pool_pages, page_size=addr.page_size,
-                                  num_kv_heads=addr.num_kv_heads, head_dim=addr.head_dim, dtype=DTYPES[addr.dtype])
+                layout = receiver_layout(addr)
                 h = parse_handle(addr.handle, layout)
                 try:
                     data = _open(h, layout)
@@ -162,8 +162,7 @@ class CudaIpcTransport(KVTransport):
 
     def open_writer(self, addr: KVAddress, src: KVStorage) -> KVWriter:
         check_compatible(addr, src)
-        layout = KVLayout(num_layers=addr.num_layers, num_pages=addr.pool_pages, page_size=addr.page_size,
-                          num_kv_heads=addr.num_kv_heads, head_dim=addr.head_dim, dtype=DTYPES[addr.dtype])
+        layout = receiver_layout(addr)
         parse_handle(addr.handle, layout)  # refuse a bad handle before anything is queued
         return CudaIpcWriter(addr, src, self, self._executor)
 

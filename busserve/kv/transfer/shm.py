@@ -11,13 +11,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from busserve.bus.client import Bus
-from busserve.kv.storage import DTYPES, SHM_DIR, KVLayout, KVStorage
+from busserve.kv.storage import SHM_DIR, KVStorage
 from busserve.kv.transfer.base import (
     KVTransport,
     KVWriter,
     TransferError,
     block_copies,
     check_compatible,
+    receiver_layout,
     spans_to,
     tell_writes_over,
 )
@@ -74,8 +75,7 @@ class ShmTransport(KVTransport):
             if pool is None:
                 if not addr.handle:
                     raise TransferError(f"kv_addr of engine {addr.engine_id} has no shared-memory handle")
-                layout = KVLayout(num_layers=addr.num_layers, num_pages=addr.pool_pages, page_size=addr.page_size,
-                                  num_kv_heads=addr.num_kv_heads, head_dim=addr.head_dim, dtype=DTYPES[addr.dtype])
+                layout = receiver_layout(addr)
                 try:
                     pool = KVStorage.attach(addr.handle, layout)
                 except (FileNotFoundError, ValueError) as exc:
