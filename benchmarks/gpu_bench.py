@@ -204,7 +204,7 @@ def main() -> int:
     result["decode"], result["prefill"] = [], []
     for backend in backends:
         core = build_core(EngineOptions(engine_id=f"bench-{backend}", device=device, dtype="bfloat16",
-                                        kv_pages=16384 // scale, attention=backend, transports=(),
+                                        kv_pages=20480 // scale,  # 128 × (2,048 + 20) tokens fit attention=backend, transports=(),
                                         max_batch_tokens=8192, max_running=256), loaded)
         for batch in batches:
             tpot = decode_tpot(core, batch, 512 // scale * 4, steps, rng)

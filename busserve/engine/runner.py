@@ -42,25 +42,33 @@ def kv_layout_for(loaded: LoadedModel, num_pages: int, page_size: int, dtype: to
 class StepStaging:
     """Host int64 arrays of one step, moved to ``device`` as one buffer and handed back as device views.
 
-    On a GPU the host side is a pinned buffer reused from step to step (grown when a step needs more); the copy is
-    non-blocking, and reusing the buffer is safe because every step ends by reading its sampled tokens back, which
-    waits for the stream. On a CPU the arrays are used where they are.
+    On a GPU the host side is a pinned buffer reused from step to step (grown when a step needs more) and the copy is
+    non-blocking; before the buffer is written again, the event recorded after the previous copy is waited on — a
+    step need not read anything back (a prefill chunk, a PD sender's step), so the stream may still be behind. On a
+    CPU the arrays are used where they are.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._pinned: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
 
     def to_device(self, parts: list[np.ndarray]) -> list[torch.Tensor]:
         sizes = [int(p.size) for p in parts]
         flat = torch.from_numpy(np.concatenate([p.reshape(-1) for p in parts]).astype(np.int64, copy=False))
         if self.device.type != "cpu":
+            cuda = self.device.type == "cuda"
+            if self._copied is not None:
+                self._copied.synchronize()  # the previous step's copy has left the buffer
             if self._pinned is None or self._pinned.numel() < flat.numel():
                 self._pinned = torch.empty(max(flat.numel(), 4096) * 2, dtype=torch.long, device=HOST,
-                                           pin_memory=self.device.type == "cuda")
+                                           pin_memory=cuda)
             host = self._pinned[: flat.numel()]
             host.copy_(flat)
             flat = host.to(self.device, non_blocking=True)
+            if cuda:
+                self._copied = torch.cuda.Event()
+                self._copied.record()
         out, at = [], 0
         for p, n in zip(parts, sizes, strict=True):
             out.append(flat[at : at + n].view(p.shape))

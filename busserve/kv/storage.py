@@ -257,7 +257,9 @@ class KVStorage:
                 v[page, lo:hi] = data[1, r : r + hi - lo]
             return
         dev = self.data.device
-        host = torch.from_numpy(np.ascontiguousarray(data))
+        if not (data.flags.writeable and data.flags.c_contiguous):
+            data = np.array(data)  # a received chunk is a read-only view of the message; torch wants its own
+        host = torch.from_numpy(data)
         if lay.dtype in (torch.bfloat16, torch.float16):
             host = host.view(lay.dtype)
         if dev.type == "cuda":

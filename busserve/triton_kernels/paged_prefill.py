@@ -28,7 +28,7 @@ import triton.language as tl
 @triton.jit
 def _paged_prefill(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, q_start_ptr, q_len_ptr, ctx_len_ptr, scale, max_pages,
                    NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DOT_FP32: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     c = tl.program_id(0)
     h = tl.program_id(1)
     mb = tl.program_id(2)
@@ -59,7 +59,10 @@ def _paged_prefill(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, q_start_ptr, q_len_p
             if DOT_FP32:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * scale
+            if IEEE:  # noqa: SIM108 - an fp32 model: fp32 products, not TF32 (a constexpr branch, for Triton)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
             seen = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
             s = tl.where(seen, s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -67,7 +70,10 @@ def _paged_prefill(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, q_start_ptr, q_len_p
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + (tok[:, None] * NUM_HEADS + h) * HEAD_DIM + d[None, :],
@@ -102,7 +108,8 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _paged_prefill[grid](
         q, k_cache, v_cache, out, table, q_starts.contiguous(), q_lens.contiguous(), ctx_lens.contiguous(),
         scale or 1.0 / math.sqrt(head_dim), table.shape[1], NUM_HEADS=heads, NUM_KV=num_kv, HEAD_DIM=head_dim,
-        PAGE=page_size, DOT_FP32=dot_fp32, BLOCK_M=block_m, BLOCK_N=block_n,
+        PAGE=page_size, DOT_FP32=dot_fp32, IEEE=q.dtype == torch.float32, BLOCK_M=block_m,
+        BLOCK_N=block_n,
     )
     return out
 

@@ -31,8 +31,8 @@ INT4_GROUP = 32
 
 @triton.jit
 def _w4_matmul(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-               HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+               HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -58,7 +58,11 @@ def _w4_matmul(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, stride_xm, str
         w_hi = ((b >> 4).to(tl.float32) * scale + low).to(x_lo.dtype)
         if DOT_FP32:
             x_lo, x_hi, w_lo, w_hi = x_lo.to(tl.float32), x_hi.to(tl.float32), w_lo.to(tl.float32), w_hi.to(tl.float32)
-        acc += tl.dot(x_lo, tl.trans(w_lo)) + tl.dot(x_hi, tl.trans(w_hi))
+        if IEEE:  # fp32 activations: full fp32 products, not TF32's 10-bit mantissas
+            acc += tl.dot(x_lo, tl.trans(w_lo), input_precision="ieee") + tl.dot(x_hi, tl.trans(w_hi),
+                                                                                input_precision="ieee")
+        else:
+            acc += tl.dot(x_lo, tl.trans(w_lo)) + tl.dot(x_hi, tl.trans(w_hi))
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -67,7 +71,8 @@ def _w4_matmul(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, stride_xm, str
 
 @triton.jit
 def _w8_matmul(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, GROUP: tl.constexpr,
-               HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -87,7 +92,10 @@ def _w8_matmul(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
         w = (q * scale).to(x.dtype)
         if DOT_FP32:
             x, w = x.to(tl.float32), w.to(tl.float32)
-        acc += tl.dot(x, tl.trans(w))
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -126,13 +134,15 @@ def quant_matmul(x: torch.Tensor, bits: int, qweight: torch.Tensor, scales: torc
         if qweight.shape[1] * 2 != k:
             raise ValueError(f"int4 weight holds {qweight.shape[1] * 2} inputs, x has {k}")
         _w4_matmul[grid](x, qweight, scales, mins, bias_arg, y, m, n, k, x.stride(0), y.stride(0),
-                         HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(x.dtype), BLOCK_M=_block_m(m), BLOCK_N=block_n,
+                         HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(x.dtype), IEEE=x.dtype == torch.float32,
+                         BLOCK_M=_block_m(m), BLOCK_N=block_n,
                          BLOCK_K=block_k)
     elif bits == 8:
         if k % group or qweight.shape[1] != k:
             raise ValueError(f"int8 weight [N, {qweight.shape[1]}] in groups of {group} does not fit x's {k} inputs")
         _w8_matmul[grid](x, qweight, scales, bias_arg, y, m, n, k, x.stride(0), y.stride(0), GROUP=group,
-                         HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(x.dtype), BLOCK_M=_block_m(m), BLOCK_N=block_n,
+                         HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(x.dtype), IEEE=x.dtype == torch.float32,
+                         BLOCK_M=_block_m(m), BLOCK_N=block_n,
                          BLOCK_K=block_k)
     else:
         raise ValueError(f"no {bits}-bit layout (int4 or int8)")

@@ -117,12 +117,18 @@ class CudaIpcWriter(KVWriter):
         dv.index_copy_(0, d, sv.index_select(0, s).to(dv.device))
         return 2 * (end - begin) * sk[0].numel() * sk.element_size()
 
+    def _landed(self) -> None:
+        """Wait for every copy: on our device, and on the receiver's when its pool is on another GPU."""
+        torch.cuda.synchronize(self.src.data.device)
+        if self.dst is not None and self.dst.data.device != self.src.data.device:
+            torch.cuda.synchronize(self.dst.data.device)
+
     def _commit(self) -> None:
-        torch.cuda.synchronize(self.src.data.device)  # every copy has landed before remote_send replies
+        self._landed()  # every copy has landed before remote_send replies
 
     def _writes_over(self, error: Exception | None) -> None:
         if error is not None:
-            torch.cuda.synchronize(self.src.data.device)  # nothing of ours still in flight into their pages
+            self._landed()  # nothing of ours still in flight into their pages
         tell_writes_over(self._transport.bus, self._transport.loop, self.addr, self.bytes_written, "cuda_ipc")
 
 
